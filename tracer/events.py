@@ -100,9 +100,10 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict without the empty fields (for recordings)."""
+        keep = ("kind", "t_ns", "netns", "icmp_type", "icmp_code")
         out = {}
         for key, value in asdict(self).items():
-            if value in (None, 0, {}) and key not in ("kind", "t_ns", "netns"):
+            if value is None or (value in (0, {}) and key not in keep):
                 continue
             out[key] = value
         return out

@@ -1,0 +1,461 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * nstrace's observation points, compiled once with clang into one CO-RE
+ * object (probes/build/nstrace.bpf.o) and loaded by tracer/bpf.py.
+ *
+ * Every program parses the packet it sees, keeps only the probe's flow (as
+ * configured from user space in the `config` map) and sends one record per
+ * observation through one ring buffer. Records that do not fit are counted in
+ * `lost`, never silently dropped.
+ *
+ * No kernel headers: the few kernel structures read here are declared below
+ * with only the fields nstrace needs, marked preserve_access_index so that
+ * libbpf relocates every field offset against the running kernel's BTF
+ * (/sys/kernel/btf/vmlinux) at load time.
+ */
+#include "nstrace.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} events SEC(".maps");
+
+/* Records that did not fit in the ring buffer, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+/* Namespaces in play (inode -> 1): neighbour events are kept only there. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+} netns_in_play SEC(".maps");
+
+/*
+ * skbs of the flow seen so far: a free is attributed to the flow by its skb
+ * address even when its headers can no longer be parsed at that point.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} tracked_skbs SEC(".maps");
+
+/*
+ * The last matching packet seen on this CPU. Route lookups carry no skb and
+ * no namespace: a lookup whose addresses are this packet's (either way round)
+ * shortly after it was seen belongs to the flow and to that namespace.
+ */
+struct cursor {
+	__u64 t_ns;
+	__u32 netns;
+	__u32 saddr;
+	__u32 daddr;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cursor);
+} cursors SEC(".maps");
+
+#define CURSOR_FRESH_NS (5 * 1000 * 1000ULL)
+
+static __always_inline struct config *get_config(void)
+{
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	if (!cfg || !cfg->enabled)
+		return NULL;
+	return cfg;
+}
+
+static __always_inline __u32 netns_of_dev(struct net_device *dev)
+{
+	if (!dev)
+		return 0;
+	return BPF_CORE_READ(dev, nd_net.net, ns.inum);
+}
+
+static __always_inline __u32 netns_of_task(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	return BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+}
+
+/* Read the IPv4 header at @l3 and the transport bits nstrace filters on. */
+static __always_inline int parse_ipv4(unsigned char *l3, struct packet *pkt)
+{
+	struct iphdr ip;
+	struct iphdr inner;
+	__u8 l4[20];
+	__u32 ihl;
+
+	if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
+		return 0;
+	if (ip.version != 4)
+		return 0;
+	ihl = ip.ihl * 4;
+	if (ihl < 20)
+		return 0;
+	pkt->saddr = ip.saddr;
+	pkt->daddr = ip.daddr;
+	pkt->proto = ip.protocol;
+	if (bpf_probe_read_kernel(l4, sizeof(l4), l3 + ihl))
+		return 1;
+
+	if (ip.protocol == IPPROTO_ICMP) {
+		pkt->icmp_type = l4[0];
+		pkt->icmp_code = l4[1];
+		if (l4[0] == ICMP_ECHO || l4[0] == ICMP_ECHOREPLY) {
+			pkt->ident = bpf_ntohs(*(__u16 *)&l4[4]);
+			pkt->seq = bpf_ntohs(*(__u16 *)&l4[6]);
+			return 1;
+		}
+		if (l4[0] != ICMP_DEST_UNREACH && l4[0] != ICMP_TIME_EXCEEDED)
+			return 1;
+		/* An ICMP error quotes the offending header and 8 bytes. */
+		if (bpf_probe_read_kernel(&inner, sizeof(inner), l3 + ihl + 8))
+			return 1;
+		pkt->is_error = 1;
+		pkt->inner_saddr = inner.saddr;
+		pkt->inner_daddr = inner.daddr;
+		pkt->inner_proto = inner.protocol;
+		if (bpf_probe_read_kernel(l4, 8, l3 + ihl + 8 + inner.ihl * 4))
+			return 1;
+		if (inner.protocol == IPPROTO_ICMP) {
+			pkt->ident = bpf_ntohs(*(__u16 *)&l4[4]);
+			pkt->seq = bpf_ntohs(*(__u16 *)&l4[6]);
+		} else {
+			pkt->sport = bpf_ntohs(*(__u16 *)&l4[0]);
+			pkt->dport = bpf_ntohs(*(__u16 *)&l4[2]);
+		}
+		return 1;
+	}
+	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) {
+		pkt->sport = bpf_ntohs(*(__u16 *)&l4[0]);
+		pkt->dport = bpf_ntohs(*(__u16 *)&l4[2]);
+		if (ip.protocol == IPPROTO_TCP)
+			pkt->tcp_flags = l4[13];
+	}
+	return 1;
+}
+
+static __always_inline int matches(struct config *cfg, struct packet *pkt)
+{
+	__u8 proto = pkt->is_error ? pkt->inner_proto : pkt->proto;
+
+	if (cfg->mode == MODE_PROBE) {
+		if (proto != cfg->proto)
+			return 0;
+		if (proto == IPPROTO_ICMP)
+			return pkt->ident == cfg->tag &&
+			       (pkt->is_error || pkt->icmp_type == ICMP_ECHO ||
+				pkt->icmp_type == ICMP_ECHOREPLY);
+		/* The probe's source port is its tag, at either end. */
+		return pkt->sport == cfg->tag || pkt->dport == cfg->tag;
+	}
+
+	/* MODE_WATCH: every filter left at zero matches anything. */
+	if (cfg->proto && proto != cfg->proto)
+		return 0;
+	if (cfg->addr && pkt->saddr != cfg->addr && pkt->daddr != cfg->addr &&
+	    pkt->inner_saddr != cfg->addr && pkt->inner_daddr != cfg->addr)
+		return 0;
+	if (cfg->port && pkt->sport != cfg->port && pkt->dport != cfg->port)
+		return 0;
+	return 1;
+}
+
+/* Parse the skb's IPv4 packet at @l3 and decide whether it is the flow's. */
+static __always_inline int skb_packet(struct config *cfg, struct sk_buff *skb,
+				      unsigned char *l3, struct packet *pkt)
+{
+	if (BPF_CORE_READ(skb, protocol) != bpf_htons(ETH_P_IP))
+		return 0;
+	if (!parse_ipv4(l3, pkt))
+		return 0;
+	return matches(cfg, pkt);
+}
+
+static __always_inline unsigned char *network_header(struct sk_buff *skb)
+{
+	__u16 offset = BPF_CORE_READ(skb, network_header);
+
+	if (offset == (__u16)~0U)
+		return NULL;
+	return BPF_CORE_READ(skb, head) + offset;
+}
+
+static __always_inline void remember(struct sk_buff *skb, __u32 netns,
+				     struct packet *pkt)
+{
+	__u64 key = (__u64)skb;
+	__u8 one = 1;
+	__u32 zero = 0;
+	struct cursor *cur = bpf_map_lookup_elem(&cursors, &zero);
+
+	bpf_map_update_elem(&tracked_skbs, &key, &one, BPF_ANY);
+	if (cur) {
+		cur->t_ns = bpf_ktime_get_ns();
+		cur->netns = netns;
+		cur->saddr = pkt->saddr;
+		cur->daddr = pkt->daddr;
+	}
+}
+
+static __always_inline struct event *reserve(__u8 kind)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *count = bpf_map_lookup_elem(&lost, &zero);
+
+		if (count)
+			*count += 1;
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = kind;
+	e->t_ns = bpf_ktime_get_ns();
+	return e;
+}
+
+static __always_inline void fill_packet(struct event *e, struct packet *pkt)
+{
+	e->pkt = *pkt;
+}
+
+static __always_inline void fill_dev(char *name, __u32 *ifindex,
+				     struct net_device *dev)
+{
+	if (!dev)
+		return;
+	bpf_core_read_str(name, IFNAMSIZ, &dev->name);
+	if (ifindex)
+		*ifindex = BPF_CORE_READ(dev, ifindex);
+}
+
+/* A packet on a device: received (rx) or handed to the driver (tx). */
+static __always_inline int on_device(struct sk_buff *skb, struct net_device *dev,
+				     unsigned char *l3, __u8 kind)
+{
+	struct config *cfg = get_config();
+	struct packet pkt = {};
+	struct event *e;
+	__u32 netns;
+
+	if (!cfg || !l3 || !skb_packet(cfg, skb, l3, &pkt))
+		return 0;
+	netns = netns_of_dev(dev);
+	if (cfg->netns && netns != cfg->netns)
+		return 0;
+	remember(skb, netns, &pkt);
+	e = reserve(kind);
+	if (!e)
+		return 0;
+	e->skb = (__u64)skb;
+	e->netns = netns;
+	fill_packet(e, &pkt);
+	fill_dev(e->dev, &e->ifindex, dev);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp_btf/netif_receive_skb")
+int BPF_PROG(on_receive, struct sk_buff *skb)
+{
+	/* At receive skb->data is the network header (after eth_type_trans). */
+	return on_device(skb, BPF_CORE_READ(skb, dev), BPF_CORE_READ(skb, data),
+			 KIND_RX);
+}
+
+SEC("tp_btf/net_dev_start_xmit")
+int BPF_PROG(on_transmit, struct sk_buff *skb, struct net_device *dev)
+{
+	/* At transmit skb->data is the link-layer header: use network_header. */
+	return on_device(skb, dev, network_header(skb), KIND_TX);
+}
+
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(on_free, struct sk_buff *skb, void *location, int reason)
+{
+	struct config *cfg = get_config();
+	struct packet pkt = {};
+	struct net_device *dev;
+	struct event *e;
+	__u64 key = (__u64)skb;
+	__u32 zero = 0;
+	int tracked;
+
+	if (!cfg)
+		return 0;
+	tracked = bpf_map_lookup_elem(&tracked_skbs, &key) != NULL;
+	if (!skb_packet(cfg, skb, network_header(skb), &pkt) && !tracked)
+		return 0;
+	bpf_map_delete_elem(&tracked_skbs, &key);
+
+	e = reserve(KIND_FREE);
+	if (!e)
+		return 0;
+	dev = BPF_CORE_READ(skb, dev);
+	e->skb = key;
+	e->netns = netns_of_dev(dev);
+	if (!e->netns) {
+		struct cursor *cur = bpf_map_lookup_elem(&cursors, &zero);
+
+		e->netns = cur ? cur->netns : 0;
+	}
+	e->value = reason;
+	fill_packet(e, &pkt);
+	fill_dev(e->dev, &e->ifindex, dev);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+static __always_inline int same_flow(struct cursor *cur, __u32 saddr,
+				     __u32 daddr, __u64 now)
+{
+	if (!cur || !cur->t_ns || now - cur->t_ns > CURSOR_FRESH_NS)
+		return 0;
+	if (daddr == cur->daddr && (!saddr || saddr == cur->saddr))
+		return 1;
+	return daddr == cur->saddr && (!saddr || saddr == cur->daddr);
+}
+
+SEC("tp_btf/fib_table_lookup")
+int BPF_PROG(on_route, __u32 table, const struct flowi4 *flp,
+	     const struct fib_nh_common *nhc, int err)
+{
+	struct config *cfg = get_config();
+	struct net_device *dev = NULL;
+	struct cursor *cur;
+	struct event *e;
+	__u32 zero = 0;
+	__u32 saddr, daddr;
+	__u64 now = bpf_ktime_get_ns();
+	int fresh;
+
+	if (!cfg)
+		return 0;
+	saddr = BPF_CORE_READ(flp, saddr);
+	daddr = BPF_CORE_READ(flp, daddr);
+	cur = bpf_map_lookup_elem(&cursors, &zero);
+	fresh = same_flow(cur, saddr, daddr, now);
+	/* The probe's own first lookup happens in sendto(), before any skb. */
+	if (!fresh && !(cfg->dst && daddr == cfg->dst))
+		return 0;
+
+	e = reserve(KIND_ROUTE);
+	if (!e)
+		return 0;
+	if (nhc)
+		dev = BPF_CORE_READ(nhc, nhc_dev);
+	e->netns = netns_of_dev(dev);
+	if (!e->netns)
+		e->netns = fresh ? cur->netns : netns_of_task();
+	e->pkt.saddr = saddr;
+	e->pkt.daddr = daddr;
+	e->pkt.proto = BPF_CORE_READ(flp, __fl_common.flowic_proto);
+	e->value = err;
+	e->table = table;
+	if (nhc && BPF_CORE_READ(nhc, nhc_gw_family) == AF_INET)
+		e->aux = BPF_CORE_READ(nhc, nhc_gw.ipv4);
+	fill_dev(e->dev, &e->ifindex, dev);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp_btf/neigh_update")
+int BPF_PROG(on_neigh, struct neighbour *n, const __u8 *lladdr, __u8 new_state)
+{
+	struct config *cfg = get_config();
+	struct net_device *dev;
+	struct event *e;
+	__u32 netns;
+
+	if (!cfg)
+		return 0;
+	dev = BPF_CORE_READ(n, dev);
+	netns = netns_of_dev(dev);
+	if (!bpf_map_lookup_elem(&netns_in_play, &netns))
+		return 0;
+	if (BPF_CORE_READ(n, tbl, family) != AF_INET)
+		return 0;
+
+	e = reserve(KIND_NEIGH);
+	if (!e)
+		return 0;
+	e->netns = netns;
+	e->value = new_state;
+	e->aux2 = BPF_CORE_READ(n, nud_state);
+	bpf_probe_read_kernel(&e->aux, 4, &n->primary_key);
+	fill_dev(e->dev, &e->ifindex, dev);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/*
+ * BPF_PROG_TYPE_NETFILTER (kernel 6.4): linked twice at each IPv4 hook of
+ * each namespace in play, at the first and the last priority, so that the
+ * difference between the two records of one skb is what the hook's tables
+ * (NAT, conntrack) did to it. Always NF_ACCEPT: nstrace only watches.
+ */
+static __always_inline int on_hook(struct bpf_nf_ctx *ctx, __u8 stage)
+{
+	struct config *cfg = get_config();
+	const struct nf_hook_state *state = ctx->state;
+	struct sk_buff *skb = ctx->skb;
+	struct packet pkt = {};
+	struct event *e;
+	__u32 netns;
+
+	if (!cfg || !skb_packet(cfg, skb, BPF_CORE_READ(skb, data), &pkt))
+		return NF_ACCEPT;
+	netns = BPF_CORE_READ(state, net, ns.inum);
+	remember(skb, netns, &pkt);
+	e = reserve(KIND_HOOK);
+	if (!e)
+		return NF_ACCEPT;
+	e->skb = (__u64)skb;
+	e->netns = netns;
+	e->hook = BPF_CORE_READ(state, hook);
+	e->stage = stage;
+	fill_packet(e, &pkt);
+	fill_dev(e->dev, &e->ifindex, BPF_CORE_READ(skb, dev));
+	fill_dev(e->in_dev, NULL, BPF_CORE_READ(state, in));
+	fill_dev(e->out_dev, NULL, BPF_CORE_READ(state, out));
+	bpf_ringbuf_submit(e, 0);
+	return NF_ACCEPT;
+}
+
+SEC("netfilter")
+int on_hook_first(struct bpf_nf_ctx *ctx)
+{
+	return on_hook(ctx, STAGE_FIRST);
+}
+
+SEC("netfilter")
+int on_hook_last(struct bpf_nf_ctx *ctx)
+{
+	return on_hook(ctx, STAGE_LAST);
+}
