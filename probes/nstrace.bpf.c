@@ -459,3 +459,21 @@ int on_hook_last(struct bpf_nf_ctx *ctx)
 {
 	return on_hook(ctx, STAGE_LAST);
 }
+
+/*
+ * Feature probes for `nstrace doctor`: never loaded while tracing (their
+ * autoload is switched off), loaded one at a time to learn whether this
+ * kernel allows fentry and kprobes. Some kernels refuse one or both (the CI
+ * machines' 6.18 has no kprobes and refuses fentry with EPERM).
+ */
+SEC("fentry/nf_hook_slow")
+int BPF_PROG(feature_fentry)
+{
+	return 0;
+}
+
+SEC("kprobe/nf_hook_slow")
+int BPF_KPROBE(feature_kprobe)
+{
+	return 0;
+}

@@ -15,12 +15,14 @@ Every libbpf failure is translated into :class:`BpfError` with the errno.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from tracer.errors import CannotTraceError
 
@@ -66,12 +68,25 @@ def _vsnprintf(fmt: bytes, args: int) -> str:
     return buf.value.decode(errors="replace").rstrip()
 
 
+_quiet = threading.local()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Demote libbpf's warnings to debug while trying something that may fail."""
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = False
+
+
 @_PRINT_FN
 def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
-    # libbpf's levels: 0 warn, 1 info, 2 debug.
-    if level == 0 or log.isEnabledFor(logging.DEBUG):
-        log.log(logging.WARNING if level == 0 else logging.DEBUG, "libbpf: %s",
-                _vsnprintf(fmt, args))
+    # libbpf's levels: 0 warn, 1 info, 2 debug; its lines start with "libbpf: ".
+    warn = level == 0 and not getattr(_quiet, "on", False)
+    if warn or log.isEnabledFor(logging.DEBUG):
+        log.log(logging.WARNING if warn else logging.DEBUG, "%s", _vsnprintf(fmt, args))
     return 0
 
 

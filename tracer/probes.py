@@ -45,6 +45,7 @@ PRIORITY_FIRST = -(2**31) + 1
 PRIORITY_LAST = 2**31 - 2
 
 TRACEPOINTS = ("on_receive", "on_transmit", "on_free", "on_route", "on_neigh")
+FEATURES = ("feature_fentry", "feature_kprobe")
 NETFILTER = {"on_hook_first": PRIORITY_FIRST, "on_hook_last": PRIORITY_LAST}
 
 MODE_PROBE = 0
@@ -183,6 +184,8 @@ class Probes:
 
     def _load(self, path: str) -> bpf.BpfObject:
         obj = bpf.BpfObject(path)
+        for name in FEATURES:
+            obj.set_autoload(name, False)
         for name in NETFILTER:
             obj.prepare_netfilter(name)
         try:
@@ -193,8 +196,9 @@ class Probes:
             log.warning("netfilter programs refused (%s); hooks will not be seen", exc)
         # Kernels before 6.4 have no BPF_PROG_TYPE_NETFILTER: carry on without.
         obj = bpf.BpfObject(path)
-        for name in NETFILTER:
+        for name in (*FEATURES, *NETFILTER):
             obj.set_autoload(name, False)
+        for name in NETFILTER:
             self.unavailable[name] = "netfilter programs need kernel 6.4 or later"
         try:
             obj.load()

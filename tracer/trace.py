@@ -1,0 +1,149 @@
+"""`nstrace ping`: the pipeline from a source and a destination to a result.
+
+resolve the endpoints -> load and attach the probes in every namespace in
+play -> send the tagged probe -> collect events until the verdict -> assemble
+the path. Each stage is a function of its own; this module only strings them
+together and makes sure that whatever was attached is detached again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from tracer import netns
+from tracer.collect import collect
+from tracer.errors import UsageError
+from tracer.events import FREE, IPPROTO_ICMP, Event
+from tracer.inject import IcmpProbe
+from tracer.path import Probe, TraceResult, assemble, is_benign_free
+from tracer.probes import Decoder, Probes
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("icmp",)
+HOST = "host"
+
+
+@dataclass
+class PingRequest:
+    """What the user asked for, checked: see :func:`parse_request`."""
+
+    src_netns: str
+    dst: str
+    dst_netns: str | None = None
+    proto: str = "icmp"
+    timeout_s: float = 1.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parse_request(src: str, dst: str, proto: str = "icmp", timeout_s: float = 1.0,
+                  host_ns: str = HOST) -> PingRequest:
+    """Check the command line's endpoints and turn names into namespaces."""
+    if proto not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {proto!r}; use one of: {', '.join(PROTOCOLS)}")
+    if not timeout_s > 0:
+        raise UsageError(f"timeout must be a positive number of seconds, not {timeout_s}")
+    src_netns = source_namespace(src, host_ns)
+    address, dst_netns = destination(dst, host_ns)
+    return PingRequest(src_netns, address, dst_netns, proto, timeout_s)
+
+
+def source_namespace(name: str, host_ns: str = HOST) -> str:
+    """The namespace a probe is sent from: a named one, `host`, or `root`."""
+    if name == HOST:
+        name = host_ns
+    if name != netns.ROOT:
+        netns.check_name(name)
+        if not netns.exists(name):
+            raise UsageError(
+                f"namespace {name} does not exist (see `ip netns list`, "
+                "or build the lab with `nstrace lab up`)"
+            )
+    return name
+
+
+def destination(text: str, host_ns: str = HOST) -> tuple[str, str | None]:
+    """An IPv4 address, or a namespace name standing for its first address."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        address = None
+    if address is not None:
+        if address.version != 4:
+            raise UsageError(f"{text} is not an IPv4 address; nstrace traces IPv4 only")
+        return str(address), None
+    if any(ch.isdigit() for ch in text) and all(ch.isdigit() or ch == "." for ch in text):
+        raise UsageError(f"{text} is not a valid IPv4 address (expected a.b.c.d)")
+    ns = source_namespace(text, host_ns)
+    return first_address(ns), ns
+
+
+def first_address(ns: str) -> str:
+    """The namespace's first global IPv4 address, preferring non-loopback devices."""
+    argv = ["ip", "-j", "-4", "addr", "show"]
+    if ns != netns.ROOT:
+        argv[1:1] = ["-n", ns]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    found = []
+    for link in json.loads(out.stdout or "[]"):
+        for info in link.get("addr_info", []):
+            if info.get("scope") == "global":
+                found.append((link.get("ifname") == "lo", info["local"]))
+    if not found:
+        raise UsageError(f"namespace {ns} has no IPv4 address to send to; give an address")
+    return sorted(found)[0][1]
+
+
+def namespaces_in_play(request: PingRequest) -> list[str]:
+    """Every named namespace, and the root one only when the probe touches it."""
+    names = netns.list_named()
+    if netns.ROOT in (request.src_netns, request.dst_netns):
+        names.append(netns.ROOT)
+    return names
+
+
+def ping(request: PingRequest, probes: Probes | None = None) -> TraceResult:
+    """Trace one probe; *probes* may be given already loaded (benchmarks, tests)."""
+    timings = request.timings
+    started = time.perf_counter()
+    own = probes is None
+    probes = probes or Probes()
+    try:
+        timings["attach_ms"] = (time.perf_counter() - started) * 1000
+        probes.link_netfilter(namespaces_in_play(request))
+        timings["link_ms"] = (time.perf_counter() - started) * 1000 - timings["attach_ms"]
+        return _trace(request, probes)
+    finally:
+        probes.disable()
+        if own:
+            probes.close()
+
+
+def _trace(request: PingRequest, probes: Probes) -> TraceResult:
+    injector = IcmpProbe(request.src_netns, request.dst)
+    try:
+        probe = Probe(src_netns=request.src_netns, src=None, dst=request.dst,
+                      proto=request.proto, ident=injector.ident)
+        probes.configure(proto=IPPROTO_ICMP, tag=injector.ident, dst=request.dst)
+        decoder = Decoder(netns.names_by_inode())
+
+        def is_drop(event: Event) -> bool:
+            return event.kind == FREE and not is_benign_free(event, probe)
+
+        started = time.perf_counter()
+        got = collect(probes, decoder, injector, request.timeout_s, is_drop)
+        request.timings["collect_ms"] = (time.perf_counter() - started) * 1000
+    finally:
+        injector.close()
+    return assemble(
+        probe,
+        got.events,
+        send_error=got.send_error,
+        reply=got.reply.to_dict() if got.reply else None,
+        lost_events=got.lost_events,
+    )
