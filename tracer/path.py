@@ -20,10 +20,13 @@ Nothing here touches the kernel, so a recorded trace replays exactly.
    say nothing (the kernel may free an skb whose headers it can no longer
    parse; a route lookup has no packet), the addresses decide (from the
    probe's destination: reply; to it: request), then another event of the
-   same skb, then the event before it. Route and neighbour events are caused
-   by the packet being processed just before them, so for them the event
-   before comes first: a reverse-path (rp_filter) lookup has the addresses
-   the wrong way round but belongs to the packet that triggered it.
+   same skb, then the event before it. A neighbour event belongs to the
+   packet before it. A route lookup made right after a packet was received
+   or crossed PREROUTING or OUTPUT in the same namespace routes that packet
+   (input route, reverse-path check, re-route after NAT) and takes its
+   direction: an rp_filter lookup has the addresses the wrong way round.
+   Any other lookup is for a new packet (an echo reply, an ICMP error) and
+   goes by its addresses.
 
 3. **Hooks.** nstrace links a netfilter program at the first and at the
    last priority of every IPv4 hook, so each crossing of a hook yields a
@@ -296,9 +299,11 @@ def _assign_directions(events: list[Event], probe: Probe) -> list[str]:
 
     dirs: list[str] = []
     previous = ev.REQUEST  # nothing seen yet: the probe is on its way out
-    for e, d in zip(events, headers):
+    for i, (e, d) in enumerate(zip(events, headers)):
         by_skb = (earlier.get(e.skb) or later.get(e.skb)) if e.skb else None
-        if e.kind in (ev.ROUTE, ev.NEIGH) and dirs:
+        if e.kind == ev.NEIGH or (
+            e.kind == ev.ROUTE and i and _routes_packet_before(events[i - 1], e)
+        ):
             chosen = previous
         else:
             chosen = d or _direction_from_addresses(e, probe) or by_skb or previous
@@ -307,6 +312,15 @@ def _assign_directions(events: list[Event], probe: Probe) -> list[str]:
         dirs.append(chosen)
         previous = chosen
     return dirs
+
+
+def _routes_packet_before(before: Event, lookup: Event) -> bool:
+    """Whether *lookup* routes the packet of event *before* (see the top)."""
+    if before.netns != lookup.netns:
+        return False
+    if before.kind == ev.RX:
+        return True
+    return before.kind == ev.HOOK and before.hook in ("PREROUTING", "OUTPUT")
 
 
 # ---- frees -----------------------------------------------------------------
