@@ -165,9 +165,10 @@ def _resolve(path_or_name: str | Path) -> Path:
 
 
 class _LineDict(dict):
-    """A YAML mapping that remembers the line it started on."""
+    """A YAML mapping that remembers its line and the line of each key."""
 
     line: int | None = None
+    key_lines: dict[Any, int]
 
 
 class _Loader(yaml.SafeLoader):
@@ -177,15 +178,15 @@ class _Loader(yaml.SafeLoader):
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode):
     data = _LineDict()
     data.line = node.start_mark.line + 1
+    data.key_lines = {}
     yield data
-    seen = set()
     for key_node, _ in node.value:
         key = key_node.value
-        if key in seen:
+        if key in data.key_lines:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
-        seen.add(key)
+        data.key_lines[key] = key_node.start_mark.line + 1
     data.update(loader.construct_mapping(node))
 
 
@@ -209,8 +210,9 @@ class _Checker:
         self.path = path
         self.namespaces: tuple[str, ...] = ()
 
-    def fail(self, node: Any, message: str) -> UsageError:
-        line = getattr(node, "line", None)
+    def fail(self, node: Any, message: str, key: str | None = None) -> UsageError:
+        """An error at *node*'s line, or at the line of its *key*."""
+        line = getattr(node, "key_lines", {}).get(key) or getattr(node, "line", None)
         where = f"{self.path}:{line}" if line else str(self.path)
         return UsageError(f"{where}: {message}")
 
@@ -222,6 +224,7 @@ class _Checker:
                 raise self.fail(
                     node,
                     f"{what} has unknown key {key!r} (known: {', '.join(known)})",
+                    key,
                 )
         return node
 
