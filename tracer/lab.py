@@ -40,6 +40,7 @@ from typing import Any
 
 from tracer import netns
 from tracer.errors import LabError
+from tracer.events import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_ERRORS
 from tracer.scenario import Command, Scenario
 
 log = logging.getLogger(__name__)
@@ -192,12 +193,12 @@ def _ping_outcome(returncode: int, output: str) -> str:
 def raw_echo(dst: str, timeout: float = 1.0) -> str:
     """One ICMP echo from the calling thread's namespace, as `ping -c1` would."""
     ident = int.from_bytes(os.urandom(2), "big")
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
     payload = b"nstrace-lab-check"
-    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1)
+    unsummed = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, 1) + payload
+    header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, _checksum(unsummed), ident, 1)
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
         try:
-            sock.sendto(packet + payload, (dst, 0))
+            sock.sendto(header + payload, (dst, 0))
         except OSError as exc:
             if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
                 return "unreachable"
@@ -219,12 +220,12 @@ def _echo_answer(data: bytes, ident: int, dst: str, src: str) -> str | None:
     """reply or unreachable if *data* answers our echo, else None."""
     icmp = data[(data[0] & 0x0F) * 4 :]
     kind = icmp[0]
-    if kind == 0 and src == dst and struct.unpack("!H", icmp[4:6])[0] == ident:
+    if kind == ICMP_ECHO_REPLY and src == dst and icmp[4:6] == ident.to_bytes(2, "big"):
         return "reply"
-    if kind in (3, 11) and len(icmp) >= 36:  # an error quoting our request
+    if kind in ICMP_ERRORS and len(icmp) >= 36:  # an error quoting our request
         inner = icmp[8:]
         quoted = inner[(inner[0] & 0x0F) * 4 :]
-        if struct.unpack("!H", quoted[4:6])[0] == ident:
+        if quoted[4:6] == ident.to_bytes(2, "big"):
             return "unreachable"
     return None
 

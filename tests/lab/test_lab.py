@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -182,7 +183,7 @@ def test_run_in_lab_refuses_namespaces_outside_the_lab() -> None:
             lab.run_in_lab(name, ["true"])
 
 
-@pytest.mark.skipif(not lab.shutil.which("ping"), reason="iputils ping not installed")
+@pytest.mark.skipif(not shutil.which("ping"), reason="iputils ping not installed")
 def test_raw_echo_agrees_with_ping() -> None:
     lab.up(TUTORIAL, 1)
     cases = [("RED", "11.11.11.3"), ("RED", "192.168.104.2"), ("host", "11.11.11.2")]
