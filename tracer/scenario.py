@@ -149,7 +149,11 @@ def load(path_or_name: str | Path) -> Scenario:
 
 def _resolve(path_or_name: str | Path) -> Path:
     text = str(path_or_name)
-    if isinstance(path_or_name, Path) or "/" in text or text.endswith(".yaml"):
+    if (
+        isinstance(path_or_name, Path)
+        or "/" in text
+        or text.endswith((".yaml", ".yml"))
+    ):
         path = Path(text)
         if not path.is_file():
             raise UsageError(f"{path}: no such scenario file (check the path)")
@@ -276,6 +280,8 @@ class _Checker:
         what = f"step {index}"
         self.mapping(node, what, _STEP_KEYS)
         number = node.get("step")
+        if number is None:
+            raise self.fail(node, f"{what} has no number (add `step: {index}`)")
         if number != index or isinstance(number, bool):
             raise self.fail(
                 node,

@@ -136,6 +136,10 @@ BROKEN = {
         ("  - step: 1\n", "  - step: 3\n"),
         r"case\.yaml:11: step 3 is out of order: .* must be `step: 1`",
     ),
+    "step without a number": (
+        ("  - step: 1\n    title: next\n", "  - title: next\n"),
+        r"case\.yaml:11: step 1 has no number \(add `step: 1`\)",
+    ),
     "duplicate key": (
         ("    title: next\n", "    title: next\n    title: again\n"),
         r"case\.yaml:13: not valid YAML: duplicate key 'title'",
