@@ -744,20 +744,9 @@ def recording_to_json(recording: Recording) -> dict[str, Any]:
         "reply": recording.reply,
         "lost_events": recording.lost_events,
         "timeout_s": recording.timeout_s,
-        "events": [_event_to_json(e) for e in recording.events],
+        "events": [e.to_dict() for e in recording.events],
     }
 
 
 def save_recording(path: str | Path, recording: Recording) -> None:
     Path(path).write_text(json.dumps(recording_to_json(recording), indent=2) + "\n")
-
-
-def _event_to_json(event: Event) -> dict[str, Any]:
-    data = event.to_dict()
-    # Event.to_dict() leaves out zeros, but ICMP type 0 (echo reply) and
-    # code 0 are meaningful: keep them so that a replay sees the same packet.
-    for key in ("icmp_type", "icmp_code", "table"):
-        value = getattr(event, key)
-        if value is not None:
-            data[key] = value
-    return data

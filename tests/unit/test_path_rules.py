@@ -628,3 +628,27 @@ def test_unknown_protocol_is_a_usage_error():
 
     with pytest.raises(UsageError, match="sctp"):
         Probe(src_netns="RED", dst=GOOGLE_IP, proto="sctp")
+
+
+def test_last_after_the_skb_was_freed_does_not_complete_the_first():
+    # The skb address was reused and the new packet's first event was lost:
+    # its last is a crossing of its own, not the end of the dropped one.
+    c = Clock()
+    first = lone_first(c, "host", "FORWARD", RED_IP, GOOGLE_IP)
+    dropped = free(c(), "host", "NETFILTER_DROP", skb=REQUEST_SKB)
+    _, last = hook_pair(c, "host", "FORWARD", RED_IP, GOOGLE_IP)
+    result = assemble(PROBE, [first, dropped, last])
+    hooks = [h for h in result.hops if h["event"] == "hook"]
+    assert [h.get("passed", True) for h in hooks] == [False, True]
+    assert result.drop["hook"] == "FORWARD"
+
+
+def test_headerless_event_takes_the_direction_of_a_later_event_of_its_skb():
+    # Stamps from different CPUs can put the unparsed event first.
+    events = [
+        free(T0, "host", "NOT_SPECIFIED", skb=REPLY_SKB, dev="eth0"),
+        icmp(
+            ev.RX, T0 + 1, "host", GOOGLE_IP, HOST_UPLINK_IP, skb=REPLY_SKB, icmp_type=0
+        ),
+    ]
+    assert [hop["dir"] for hop in assemble(PROBE, events).hops] == ["reply"] * 2
