@@ -146,4 +146,5 @@ def _trace(request: PingRequest, probes: Probes) -> TraceResult:
         send_error=got.send_error,
         reply=got.reply.to_dict() if got.reply else None,
         lost_events=got.lost_events,
+        timeout_s=request.timeout_s,
     )
