@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--step", type=int, default=None, metavar="N",
                     help="apply steps 1..N (default: the starting point)")
     lab_commands.add_parser("down", help="remove everything the lab made")
-    lab_commands.add_parser("status", help="show the lab's namespaces and step")
+    status = lab_commands.add_parser("status", help="show the lab's namespaces and step")
+    status.add_argument("--json", action="store_true", help="print JSON")
 
     commands.add_parser("doctor", help="check that this machine can trace")
     demo = commands.add_parser("demo", help="build the lab and trace the tutorial")

@@ -47,12 +47,13 @@ def collect(
     result = Collection()
     started = time.monotonic()
     result.send_error = probe.send()
-    deadline = started + (0 if result.send_error else timeout_s)
+    sent = time.monotonic()
+    deadline = sent + (0 if result.send_error else timeout_s)
 
     with selectors.DefaultSelector() as selector:
         selector.register(probes.fileno(), selectors.EVENT_READ, "ring")
         selector.register(probe.fileno(), selectors.EVENT_READ, "socket")
-        verdict_at = started if result.send_error else None
+        verdict_at = sent if result.send_error else None
         while True:
             now = time.monotonic()
             if verdict_at is not None and now >= verdict_at + LINGER_S:
@@ -66,12 +67,18 @@ def collect(
                     result.reply = probe.receive()
                     if result.reply is not None:
                         verdict_at = verdict_at or time.monotonic()
-            for raw in probes.poll(0):
-                event = decoder.decode(raw)
-                result.events.append(event)
+            for event in _drain(probes, decoder, result):
                 if verdict_at is None and is_drop(event):
                     log.debug("drop seen: %s", event)
                     verdict_at = time.monotonic()
+        _drain(probes, decoder, result)
     result.lost_events = probes.lost()
     result.elapsed_s = time.monotonic() - started
     return result
+
+
+def _drain(probes: Probes, decoder: Decoder, result: Collection) -> list[Event]:
+    """Decode what the ring buffer holds now into *result*; return the new events."""
+    new = [decoder.decode(raw) for raw in probes.poll(0)]
+    result.events.extend(new)
+    return new

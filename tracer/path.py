@@ -229,6 +229,9 @@ def errno_name(error: int) -> str:
     return errno.errorcode.get(abs(error), f"errno {abs(error)}")
 
 
+RT_TABLE_LOCAL = 255  # include/uapi/linux/rtnetlink.h
+
+
 # ---- direction -------------------------------------------------------------
 
 
@@ -301,8 +304,12 @@ def _assign_directions(events: list[Event], probe: Probe) -> list[str]:
     previous = ev.REQUEST  # nothing seen yet: the probe is on its way out
     for i, (e, d) in enumerate(zip(events, headers)):
         by_skb = (earlier.get(e.skb) or later.get(e.skb)) if e.skb else None
+        # Lookups in the local table (255) are the kernel asking "is this
+        # address mine?" for whatever it is handling now (ARP, source checks):
+        # they belong to the packet in flight, whichever way round they look.
         if e.kind == ev.NEIGH or (
-            e.kind == ev.ROUTE and i and _routes_packet_before(events[i - 1], e)
+            e.kind == ev.ROUTE
+            and (e.table == RT_TABLE_LOCAL or (i and _routes_packet_before(events[i - 1], e)))
         ):
             chosen = previous
         else:
