@@ -46,15 +46,20 @@ struct {
 } netns_in_play SEC(".maps");
 
 /*
- * skbs of the flow seen so far: a free is attributed to the flow by its skb
- * address even when its headers can no longer be parsed at that point.
+ * skbs of the flow seen so far (address -> when last seen): a free is
+ * attributed to the flow by its skb address when its headers can no longer
+ * be parsed at that point. An skb that ends normally (consume_skb) leaves the
+ * map, and a stale entry is ignored, because the memory of a freed skb is
+ * soon reused for an unrelated packet.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u64);
-	__type(value, __u8);
+	__type(value, __u64);
 } tracked_skbs SEC(".maps");
+
+#define TRACKED_FRESH_NS (100 * 1000 * 1000ULL)
 
 /*
  * The last matching packet seen on this CPU. Route lookups carry no skb and
@@ -185,15 +190,24 @@ static __always_inline int matches(struct config *cfg, struct packet *pkt)
 	return 1;
 }
 
-/* Parse the skb's IPv4 packet at @l3 and decide whether it is the flow's. */
+/*
+ * Parse the skb's IPv4 packet at @l3 and decide whether it is the flow's:
+ * 1 it is, 0 it is another IPv4 packet, -1 it could not be parsed here.
+ */
+static __always_inline int classify(struct config *cfg, struct sk_buff *skb,
+				    unsigned char *l3, struct packet *pkt)
+{
+	if (!l3 || BPF_CORE_READ(skb, protocol) != bpf_htons(ETH_P_IP))
+		return -1;
+	if (!parse_ipv4(l3, pkt))
+		return -1;
+	return matches(cfg, pkt);
+}
+
 static __always_inline int skb_packet(struct config *cfg, struct sk_buff *skb,
 				      unsigned char *l3, struct packet *pkt)
 {
-	if (BPF_CORE_READ(skb, protocol) != bpf_htons(ETH_P_IP))
-		return 0;
-	if (!parse_ipv4(l3, pkt))
-		return 0;
-	return matches(cfg, pkt);
+	return classify(cfg, skb, l3, pkt) == 1;
 }
 
 static __always_inline unsigned char *network_header(struct sk_buff *skb)
@@ -209,13 +223,14 @@ static __always_inline void remember(struct sk_buff *skb, __u32 netns,
 				     struct packet *pkt)
 {
 	__u64 key = (__u64)skb;
-	__u8 one = 1;
 	__u32 zero = 0;
 	struct cursor *cur = bpf_map_lookup_elem(&cursors, &zero);
 
-	bpf_map_update_elem(&tracked_skbs, &key, &one, BPF_ANY);
+	__u64 now = bpf_ktime_get_ns();
+
+	bpf_map_update_elem(&tracked_skbs, &key, &now, BPF_ANY);
 	if (cur) {
-		cur->t_ns = bpf_ktime_get_ns();
+		cur->t_ns = now;
 		cur->netns = netns;
 		cur->saddr = pkt->saddr;
 		cur->daddr = pkt->daddr;
@@ -305,14 +320,17 @@ int BPF_PROG(on_free, struct sk_buff *skb, void *location, int reason)
 	struct event *e;
 	__u64 key = (__u64)skb;
 	__u32 zero = 0;
-	int tracked;
+	__u64 *seen;
+	int tracked, match;
 
 	if (!cfg)
 		return 0;
-	tracked = bpf_map_lookup_elem(&tracked_skbs, &key) != NULL;
-	if (!skb_packet(cfg, skb, network_header(skb), &pkt) && !tracked)
-		return 0;
+	seen = bpf_map_lookup_elem(&tracked_skbs, &key);
+	tracked = seen && bpf_ktime_get_ns() - *seen < TRACKED_FRESH_NS;
 	bpf_map_delete_elem(&tracked_skbs, &key);
+	match = classify(cfg, skb, network_header(skb), &pkt);
+	if (match == 0 || (match < 0 && !tracked))
+		return 0;
 
 	e = reserve(KIND_FREE);
 	if (!e)
@@ -329,6 +347,17 @@ int BPF_PROG(on_free, struct sk_buff *skb, void *location, int reason)
 	fill_packet(e, &pkt);
 	fill_dev(e->dev, &e->ifindex, dev);
 	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* An skb that ended normally is no longer the flow's, whatever it becomes. */
+SEC("tp_btf/consume_skb")
+int BPF_PROG(on_consume, struct sk_buff *skb)
+{
+	__u64 key = (__u64)skb;
+
+	if (get_config())
+		bpf_map_delete_elem(&tracked_skbs, &key);
 	return 0;
 }
 

@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 PRIORITY_FIRST = -(2**31) + 1
 PRIORITY_LAST = 2**31 - 2
 
-TRACEPOINTS = ("on_receive", "on_transmit", "on_free", "on_route", "on_neigh")
+TRACEPOINTS = (
+    "on_receive", "on_transmit", "on_free", "on_consume", "on_route", "on_neigh"
+)
 FEATURES = ("feature_fentry", "feature_kprobe")
 NETFILTER = {"on_hook_first": PRIORITY_FIRST, "on_hook_last": PRIORITY_LAST}
 
