@@ -21,6 +21,7 @@ examples:
   nstrace ping RED 11.11.11.3       trace RED's ping to BLUE across br0
   nstrace ping RED 8.8.8.8 --json   the same as a JSON document (schema 1)
   nstrace ping host BLUE            a namespace name stands for its address
+  nstrace ping RED 8.8.8.8 --proto tcp --port 80   a TCP SYN instead of an echo
 
 exit codes: 0 reply, 1 no reply (dropped, unreachable, lost), 2 bad input
 """
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="namespace to send from: a name from `ip netns list`, "
                       "or `host` for the lab's host")
     ping.add_argument("dst", metavar="DST", help="IPv4 address, or a namespace name")
-    ping.add_argument("--proto", default="icmp", help="probe protocol (icmp)")
+    ping.add_argument("--proto", default="icmp",
+                      help="probe protocol: icmp (echo, default), tcp (SYN) or udp")
+    ping.add_argument("--port", type=int, default=None, metavar="N",
+                      help="destination port of a tcp or udp probe")
     ping.add_argument("--timeout", type=_positive_float, default=1.0, metavar="S",
                       help="seconds to wait for a reply (default 1)")
     ping.add_argument("--json", action="store_true", help="print JSON (schema 1)")
@@ -122,7 +126,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from tracer import render, trace
 
     request = trace.parse_request(args.src, args.dst, args.proto, args.timeout,
-                                  args.host_ns)
+                                  args.host_ns, args.port)
     result = trace.ping(request)
     if args.json:
         print(render.render_json(result))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tracer.events import Event
-from tracer.inject import IcmpProbe, Reply
+from tracer.inject import Probe, Reply
 from tracer.probes import Decoder, Probes
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Collection:
 def collect(
     probes: Probes,
     decoder: Decoder,
-    probe: IcmpProbe,
+    probe: Probe,
     timeout_s: float,
     is_drop: Callable[[Event], bool],
 ) -> Collection:
@@ -52,7 +52,8 @@ def collect(
 
     with selectors.DefaultSelector() as selector:
         selector.register(probes.fileno(), selectors.EVENT_READ, "ring")
-        selector.register(probe.fileno(), selectors.EVENT_READ, "socket")
+        for fd in probe.filenos():
+            selector.register(fd, selectors.EVENT_READ, "socket")
         verdict_at = sent if result.send_error else None
         while True:
             now = time.monotonic()

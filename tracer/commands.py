@@ -79,7 +79,8 @@ def _show_step(console: Console, step: scenario.Step) -> None:
 def _demo_probe(console: Console, probe: scenario.Probe) -> int:
     """Trace one probe; 1 if its outcome is not what the scenario expects."""
     console.print(f"$ nstrace ping {probe.src} {probe.dst}", style="bold", highlight=False)
-    request = trace.parse_request(probe.src, probe.dst, probe.proto, timeout_s=1.0)
+    request = trace.parse_request(probe.src, probe.dst, probe.proto, timeout_s=1.0,
+                                  port=probe.port)
     result = trace.ping(request)
     render.render_text(result, console)
     expected = probe.expect.get("outcome")

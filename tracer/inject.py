@@ -1,17 +1,24 @@
 """Injection: build the tagged probe with scapy and send it from the source.
 
-The probe is an ICMP echo request whose identifier is chosen at random per
-run; the in-kernel filter keeps only packets that carry it (the request, its
-reply, and ICMP errors that quote it), and it is what ties the reply to the
-request across NAT. The payload names nstrace and a nonce, so that the probe
-is recognisable in a capture.
+Every probe carries a tag chosen at random per run, which the in-kernel
+filter keeps (the request, its reply, and ICMP errors that quote it) and which
+ties the reply to the request across NAT:
 
-The socket is a raw ICMP socket created inside the source namespace: the
-kernel picks the source address and routes the probe exactly as it would for
-`ping`. A route lookup that fails makes sendto() fail with ENETUNREACH, which
-is the tutorial's "connect: Network is unreachable" (step 3). sendto() runs
-on a thread inside the namespace, so that whatever the kernel does in process
-context (the first route lookup) is attributed to that namespace.
+- ICMP: an echo request whose identifier is the tag; the payload names
+  nstrace and a nonce, so that the probe is recognisable in a capture.
+- TCP: a SYN from the tag as source port to the chosen port. A SYN-ACK is a
+  reply, a reset means nobody listens. The source's own kernel answers the
+  SYN-ACK with a reset, as it does for any SYN sent from a raw socket.
+- UDP: a datagram from the tag as source port; an answer is a reply, an ICMP
+  port unreachable means nobody listens.
+
+Sockets are raw sockets created inside the source namespace: the kernel
+routes the probe and adds the IP header exactly as it would for `ping`. A
+route lookup that fails makes sendto() (or, for TCP and UDP, finding the
+source address first) fail with ENETUNREACH: the tutorial's "connect: Network
+is unreachable" (step 3). sendto() runs on a thread inside the namespace, so
+that what the kernel does in process context (the first route lookup) is
+attributed to that namespace.
 """
 
 from __future__ import annotations
@@ -21,88 +28,310 @@ import logging
 import os
 import random
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 
 from tracer import netns
-from tracer.events import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_ERRORS
+from tracer.events import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMP_ERRORS,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+)
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_PREFIX = b"nstrace "
+# Source ports for TCP and UDP tags: the kernel's default ephemeral range
+# (net.ipv4.ip_local_port_range), where a probe looks like any client.
+TAG_PORTS = (32768, 60999)
+TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
+
+_scapy_loader: threading.Thread | None = None
+
+
+def load_scapy() -> None:
+    """Import the scapy layers that build and read probes, skipping the slow parts.
+
+    A plain `import scapy.layers.inet` took 0.35 s here, most of a whole
+    `nstrace ping` (`make bench`). Two parts serve nothing nstrace does:
+    reading the routing tables into scapy's own (the kernel routes the
+    probe), which scapy's `conf.route_autoload` / `conf.route6_autoload` turn
+    off ("Disable this if your routing table is too big", scapy/config.py),
+    and probing the optional `cryptography` package for TLS and IPsec layers,
+    kept from importing while scapy loads (a None entry in sys.modules makes
+    an import fail, per the import system's reference). Together: ~0.15 s.
+    """
+    if _scapy_loader is not None and _scapy_loader is not threading.current_thread():
+        _scapy_loader.join()
+    if "scapy.layers.inet" in sys.modules:
+        return
+    blocked = "cryptography" not in sys.modules
+    if blocked:
+        sys.modules["cryptography"] = None  # type: ignore[assignment]
+    try:
+        from scapy.config import conf
+
+        conf.route_autoload = False
+        conf.route6_autoload = False
+        import scapy.layers.inet  # noqa: F401
+    finally:
+        if blocked:
+            sys.modules.pop("cryptography", None)
+
+
+def preload_scapy() -> None:
+    """Start importing scapy on a thread, while the probes load (kernel time)."""
+    global _scapy_loader
+    if _scapy_loader is None and "scapy.layers.inet" not in sys.modules:
+        _scapy_loader = threading.Thread(target=_load_quietly, name="scapy", daemon=True)
+        _scapy_loader.start()
+
+
+def _load_quietly() -> None:
+    # Whatever fails here fails again, and is reported, when prepare() calls
+    # load_scapy() on the main thread.
+    try:
+        load_scapy()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("importing scapy in the background failed: %s", exc)
 
 
 @dataclass
 class Reply:
-    """What reached the probe's socket: an echo reply or an ICMP error."""
+    """What reached the probe's socket: an answer or an ICMP error."""
 
     src: str
     dst: str
-    icmp_type: int
-    icmp_code: int
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    tcp_flags: int = 0
 
     def to_dict(self) -> dict:
-        return {"src": self.src, "dst": self.dst, "icmp_type": self.icmp_type,
-                "icmp_code": self.icmp_code}
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "icmp_type": self.icmp_type,
+            "icmp_code": self.icmp_code,
+            "tcp_flags": self.tcp_flags,
+        }
 
 
-class IcmpProbe:
-    """One ICMP echo probe from *src_netns* to *dst*, and its receiving socket."""
+def _open(proto: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    sock.setblocking(False)
+    return sock
 
-    def __init__(self, src_netns: str, dst: str, ident: int | None = None) -> None:
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+class Probe:
+    """One tagged probe from *src_netns* to *dst*, and the sockets that hear back."""
+
+    proto = IPPROTO_ICMP
+    name = "icmp"
+
+    def __init__(self, src_netns: str, dst: str) -> None:
         self.src_netns = src_netns
         self.dst = dst
-        self.ident = ident or random.randint(1, 0xFFFF)
-        self.seq = 1
+        self.tag = self.new_tag()
         self.nonce = os.urandom(8)
-        self.sock = netns.run_in(src_netns, self._open)
+        # Every probe listens for ICMP: errors quoting it can come from anywhere.
+        self.icmp_sock = netns.run_in(src_netns, lambda: _open(IPPROTO_ICMP))
+        self.sockets = [self.icmp_sock]
+        self.data: bytes | None = None
+        self.refused: str | None = None
 
-    @staticmethod
-    def _open() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        sock.setblocking(False)
-        return sock
+    def new_tag(self) -> int:
+        return random.randint(1, 0xFFFF)
 
     def packet(self) -> bytes:
-        """The ICMP echo request, built by scapy (the IP header is the kernel's)."""
-        from scapy.layers.inet import ICMP  # slow to import: only when sending
-        from scapy.packet import Raw
+        raise NotImplementedError
 
-        probe = ICMP(type=ICMP_ECHO_REQUEST, id=self.ident, seq=self.seq)
-        return bytes(probe / Raw(PAYLOAD_PREFIX + self.nonce.hex().encode()))
-
-    def send(self) -> str | None:
-        """Send the probe; None, or the errno name if the kernel refused it."""
-        data = self.packet()
-        try:
-            netns.run_in(self.src_netns, lambda: self.sock.sendto(data, (self.dst, 0)))
-        except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            log.info("sendto %s refused: %s", self.dst, name)
-            return name
+    def prepare(self) -> str | None:
+        """Build the packet before tracing starts; None, or why it cannot be."""
+        load_scapy()
+        self.data = self.packet()
         return None
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def send(self) -> str | None:
+        """Send the prepared probe; None, or the errno name if the kernel refused it."""
+        if self.data is None:
+            return self.refused
+        sock = self.sockets[-1]
+        try:
+            netns.run_in(self.src_netns, lambda: sock.sendto(self.data, (self.dst, 0)))
+        except OSError as exc:
+            log.info("sending to %s refused: %s", self.dst, _errno_name(exc))
+            return _errno_name(exc)
+        return None
+
+    def filenos(self) -> list[int]:
+        return [sock.fileno() for sock in self.sockets]
 
     def receive(self) -> Reply | None:
         """Read what is queued; the first packet that answers this probe."""
-        from scapy.layers.inet import ICMP, IP, IPerror, ICMPerror
+        from scapy.layers.inet import IP
 
-        while True:
-            try:
-                data = self.sock.recv(65535)
-            except BlockingIOError:
-                return None
-            packet = IP(data)
-            icmp = packet.getlayer(ICMP)
-            if icmp is None:
-                continue
-            if icmp.type == ICMP_ECHO_REPLY and icmp.id == self.ident:
-                return Reply(packet.src, packet.dst, icmp.type, icmp.code)
-            inner = packet.getlayer(ICMPerror)
-            if icmp.type in ICMP_ERRORS and inner is not None and inner.id == self.ident:
-                if packet.getlayer(IPerror) is not None:
-                    return Reply(packet.src, packet.dst, icmp.type, icmp.code)
+        for sock in self.sockets:
+            while True:
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    break
+                reply = self.answer(IP(data))
+                if reply is not None:
+                    return reply
+        return None
+
+    def answer(self, packet: object) -> Reply | None:
+        """The reply, if *packet* (a scapy IP packet) answers this probe."""
+        return self._icmp_error(packet)
+
+    def _icmp_error(self, packet: object) -> Reply | None:
+        from scapy.layers.inet import ICMP, ICMPerror, IPerror, TCPerror, UDPerror
+
+        icmp = packet.getlayer(ICMP)
+        if icmp is None or icmp.type not in ICMP_ERRORS:
+            return None
+        quoted = packet.getlayer(IPerror)
+        if quoted is None or quoted.proto != self.proto:
+            return None
+        inner = {IPPROTO_ICMP: ICMPerror, IPPROTO_TCP: TCPerror, IPPROTO_UDP: UDPerror}
+        layer = packet.getlayer(inner[self.proto])
+        if layer is None or not self._quotes_tag(layer):
+            return None
+        return Reply(packet.src, packet.dst, icmp.type, icmp.code)
+
+    def _quotes_tag(self, layer: object) -> bool:
+        return getattr(layer, "sport", None) == self.tag
 
     def close(self) -> None:
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+class IcmpProbe(Probe):
+    """An ICMP echo request whose identifier is the tag."""
+
+    def packet(self) -> bytes:
+        from scapy.layers.inet import ICMP  # slow to import: only when sending
+        from scapy.packet import Raw
+
+        probe = ICMP(type=ICMP_ECHO_REQUEST, id=self.tag, seq=1)
+        return bytes(probe / Raw(PAYLOAD_PREFIX + self.nonce.hex().encode()))
+
+    def answer(self, packet: object) -> Reply | None:
+        from scapy.layers.inet import ICMP
+
+        icmp = packet.getlayer(ICMP)
+        if icmp is not None and icmp.type == ICMP_ECHO_REPLY and icmp.id == self.tag:
+            return Reply(packet.src, packet.dst, icmp.type, icmp.code)
+        return self._icmp_error(packet)
+
+    def _quotes_tag(self, layer: object) -> bool:
+        return getattr(layer, "id", None) == self.tag
+
+
+class PortProbe(Probe):
+    """TCP or UDP: the tag is the source port; needs the source address first."""
+
+    def __init__(self, src_netns: str, dst: str, port: int) -> None:
+        super().__init__(src_netns, dst)
+        self.port = port
+        self.sockets.append(netns.run_in(src_netns, lambda: _open(self.proto)))
+
+    def new_tag(self) -> int:
+        return random.randint(*TAG_PORTS)
+
+    def source_address(self) -> str:
+        """The address the kernel would send from (a route lookup, no packet)."""
+
+        def lookup() -> str:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.connect((self.dst, self.port))
+                return sock.getsockname()[0]
+
+        return netns.run_in(self.src_netns, lambda: lookup())
+
+    def prepare(self) -> str | None:
+        try:
+            self.src = self.source_address()
+        except OSError as exc:
+            log.info(
+                "no route from %s to %s: %s", self.src_netns, self.dst, _errno_name(exc)
+            )
+            self.refused = _errno_name(exc)
+            return self.refused
+        return super().prepare()
+
+    def send(self) -> str | None:
+        if self.refused:
+            # Ask again now that tracing is on, so that the failing route
+            # lookup is seen; nothing is sent either way.
+            try:
+                self.source_address()
+            except OSError as exc:
+                return _errno_name(exc)
+        return super().send()
+
+    def transport(self) -> object:
+        raise NotImplementedError
+
+    def packet(self) -> bytes:
+        from scapy.layers.inet import IP
+
+        # The checksum covers a pseudo-header with both addresses: build the
+        # whole datagram, then hand the kernel the transport part only.
+        datagram = IP(src=self.src, dst=self.dst) / self.transport()
+        return bytes(datagram)[20:]
+
+    def answer(self, packet: object) -> Reply | None:
+        layer = packet.getlayer(self.layer_name())
+        if layer is not None and layer.dport == self.tag and layer.sport == self.port:
+            flags = int(layer.flags) if self.proto == IPPROTO_TCP else 0
+            return Reply(packet.src, packet.dst, tcp_flags=flags)
+        return self._icmp_error(packet)
+
+    def layer_name(self) -> str:
+        return self.name.upper()
+
+
+class TcpProbe(PortProbe):
+    proto = IPPROTO_TCP
+    name = "tcp"
+
+    def transport(self) -> object:
+        from scapy.layers.inet import TCP
+
+        return TCP(
+            sport=self.tag,
+            dport=self.port,
+            flags="S",
+            seq=int.from_bytes(self.nonce[:4], "big"),
+        )
+
+
+class UdpProbe(PortProbe):
+    proto = IPPROTO_UDP
+    name = "udp"
+
+    def transport(self) -> object:
+        from scapy.layers.inet import UDP
+        from scapy.packet import Raw
+
+        payload = PAYLOAD_PREFIX + self.nonce.hex().encode()
+        return UDP(sport=self.tag, dport=self.port) / Raw(payload)
+
+
+def make_probe(proto: str, src_netns: str, dst: str, port: int | None) -> Probe:
+    """The probe for *proto* ('icmp', 'tcp' or 'udp')."""
+    if proto == "icmp":
+        return IcmpProbe(src_netns, dst)
+    kind = TcpProbe if proto == "tcp" else UdpProbe
+    return kind(src_netns, dst, port or 0)

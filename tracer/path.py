@@ -309,7 +309,10 @@ def _assign_directions(events: list[Event], probe: Probe) -> list[str]:
         # they belong to the packet in flight, whichever way round they look.
         if e.kind == ev.NEIGH or (
             e.kind == ev.ROUTE
-            and (e.table == RT_TABLE_LOCAL or (i and _routes_packet_before(events[i - 1], e)))
+            and (
+                e.table == RT_TABLE_LOCAL
+                or (i and _routes_packet_before(events[i - 1], e))
+            )
         ):
             chosen = previous
         else:
@@ -450,6 +453,10 @@ def _hop(step: _Step) -> dict[str, Any]:
         hop["neigh"] = {"addr": e.neigh_addr, "state": e.neigh_state}
     elif e.kind == ev.FREE:
         hop["reason"] = e.reason
+    if e.proto in (ev.IPPROTO_TCP, ev.IPPROTO_UDP) and e.kind != ev.ROUTE:
+        hop["sport"], hop["dport"] = e.sport, e.dport
+        if e.proto == ev.IPPROTO_TCP:
+            hop["tcp_flags"] = tcp_flag_names(e.tcp_flags)
     if e.proto == ev.IPPROTO_ICMP and e.icmp_type in ev.ICMP_ERRORS:
         hop["icmp_error"] = {
             "type": e.icmp_type,
@@ -458,6 +465,14 @@ def _hop(step: _Step) -> dict[str, Any]:
             "inner_dst": e.inner_dst,
         }
     return hop
+
+
+_TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
+
+
+def tcp_flag_names(flags: int) -> str:
+    """TCP flags as people write them: SYN, SYN-ACK, RST-ACK..."""
+    return "-".join(name for bit, name in _TCP_FLAGS if flags & bit) or "none"
 
 
 def _add_hook_keys(hop: dict[str, Any], step: _Step) -> None:
@@ -651,8 +666,12 @@ def assemble(
     outcome = _outcome(send_error, reply_info, drop)
     if outcome == "reply":
         # The round trip succeeded: a free on the way is kept in hops as
-        # evidence but is not where the packet died.
+        # evidence but is not where the packet died (a TCP listener frees
+        # the SYN it answered with reason NOT_SPECIFIED, kernel 6.18).
         drop = None
+        for hop in hops:
+            if hop["event"] == "drop":
+                hop["event"] = ev.FREE
     log.debug("assembled %d events into %d hops: %s", len(events), len(hops), outcome)
     return TraceResult(
         probe=probe,

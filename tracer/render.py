@@ -116,7 +116,12 @@ def hop_line(hop: dict[str, Any]) -> Text:
 def _addresses(hop: dict[str, Any]) -> str:
     if hop.get("src") is None and hop.get("dst") is None:
         return ""
-    text = f"{hop.get('src') or '?'} > {hop.get('dst') or '?'}"
+    src, dst = hop.get("src") or "?", hop.get("dst") or "?"
+    if hop.get("dport"):
+        src, dst = f"{src}:{hop['sport']}", f"{dst}:{hop['dport']}"
+    text = f"{src} > {dst}"
+    if hop.get("tcp_flags"):
+        text += f" {hop['tcp_flags']}"
     icmp = hop.get("icmp_error")
     if icmp:
         text += f" icmp {_icmp_name(icmp['type'], icmp['code'])}"

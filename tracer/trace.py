@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from tracer import netns
 from tracer.collect import collect
 from tracer.errors import UsageError
-from tracer.events import FREE, IPPROTO_ICMP, Event
-from tracer.inject import IcmpProbe
+from tracer.events import FREE, Event
+from tracer.inject import make_probe
 from tracer.path import Probe, TraceResult, assemble, is_benign_free
 from tracer.probes import Decoder, Probes
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("icmp",)
+PROTOCOLS = ("icmp", "tcp", "udp")
 HOST = "host"
 
 
@@ -38,19 +38,36 @@ class PingRequest:
     dst_netns: str | None = None
     proto: str = "icmp"
     timeout_s: float = 1.0
+    port: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def parse_request(src: str, dst: str, proto: str = "icmp", timeout_s: float = 1.0,
-                  host_ns: str = HOST) -> PingRequest:
+def parse_request(
+    src: str,
+    dst: str,
+    proto: str = "icmp",
+    timeout_s: float = 1.0,
+    host_ns: str = HOST,
+    port: int | None = None,
+) -> PingRequest:
     """Check the command line's endpoints and turn names into namespaces."""
     if proto not in PROTOCOLS:
-        raise UsageError(f"unknown protocol {proto!r}; use one of: {', '.join(PROTOCOLS)}")
+        raise UsageError(
+            f"unknown protocol {proto!r}; use one of: {', '.join(PROTOCOLS)}"
+        )
+    if proto == "icmp" and port is not None:
+        raise UsageError("--port applies to tcp and udp probes; add --proto tcp or udp")
+    if proto != "icmp" and port is None:
+        raise UsageError(f"a {proto} probe needs a destination port: add --port N")
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"port {port} is out of range; give a port from 1 to 65535")
     if not timeout_s > 0:
-        raise UsageError(f"timeout must be a positive number of seconds, not {timeout_s}")
+        raise UsageError(
+            f"timeout must be a positive number of seconds, not {timeout_s}"
+        )
     src_netns = source_namespace(src, host_ns)
     address, dst_netns = destination(dst, host_ns)
-    return PingRequest(src_netns, address, dst_netns, proto, timeout_s)
+    return PingRequest(src_netns, address, dst_netns, proto, timeout_s, port)
 
 
 def source_namespace(name: str, host_ns: str = HOST) -> str:
@@ -77,7 +94,9 @@ def destination(text: str, host_ns: str = HOST) -> tuple[str, str | None]:
         if address.version != 4:
             raise UsageError(f"{text} is not an IPv4 address; nstrace traces IPv4 only")
         return str(address), None
-    if any(ch.isdigit() for ch in text) and all(ch.isdigit() or ch == "." for ch in text):
+    if any(ch.isdigit() for ch in text) and all(
+        ch.isdigit() or ch == "." for ch in text
+    ):
         raise UsageError(f"{text} is not a valid IPv4 address (expected a.b.c.d)")
     ns = source_namespace(text, host_ns)
     return first_address(ns), ns
@@ -95,8 +114,10 @@ def first_address(ns: str) -> str:
             if info.get("scope") == "global":
                 found.append((link.get("ifname") == "lo", info["local"]))
     if not found:
-        raise UsageError(f"namespace {ns} has no IPv4 address to send to; give an address")
-    return sorted(found)[0][1]
+        raise UsageError(
+            f"namespace {ns} has no IPv4 address to send to; give an address"
+        )
+    return min(found)[1]
 
 
 def namespaces_in_play(request: PingRequest) -> list[str]:
@@ -116,7 +137,9 @@ def ping(request: PingRequest, probes: Probes | None = None) -> TraceResult:
     try:
         timings["attach_ms"] = (time.perf_counter() - started) * 1000
         probes.link_netfilter(namespaces_in_play(request))
-        timings["link_ms"] = (time.perf_counter() - started) * 1000 - timings["attach_ms"]
+        timings["link_ms"] = (time.perf_counter() - started) * 1000 - timings[
+            "attach_ms"
+        ]
         return _trace(request, probes)
     finally:
         probes.disable()
@@ -125,15 +148,31 @@ def ping(request: PingRequest, probes: Probes | None = None) -> TraceResult:
 
 
 def _trace(request: PingRequest, probes: Probes) -> TraceResult:
-    injector = IcmpProbe(request.src_netns, request.dst)
+    injector = make_probe(request.proto, request.src_netns, request.dst, request.port)
     try:
-        probe = Probe(src_netns=request.src_netns, src=None, dst=request.dst,
-                      proto=request.proto, ident=injector.ident)
-        probes.configure(proto=IPPROTO_ICMP, tag=injector.ident, dst=request.dst)
+        ports = {"dport": request.port, "sport": injector.tag} if request.port else {}
+        probe = Probe(
+            src_netns=request.src_netns,
+            src=None,
+            dst=request.dst,
+            proto=request.proto,
+            ident=injector.tag,
+            **ports,
+        )
+        # Built before the probes are enabled: TCP and UDP look up their
+        # source address first, and scapy is slow to import the first time.
+        injector.prepare()
+        probes.configure(proto=injector.proto, tag=injector.tag, dst=request.dst)
         decoder = Decoder(netns.names_by_inode())
 
         def is_drop(event: Event) -> bool:
-            return event.kind == FREE and not is_benign_free(event, probe)
+            # NOT_SPECIFIED is also how some protocols end a packet they
+            # handled (a TCP listener's SYN): not a verdict worth stopping at.
+            return (
+                event.kind == FREE
+                and event.reason != "NOT_SPECIFIED"
+                and not is_benign_free(event, probe)
+            )
 
         started = time.perf_counter()
         got = collect(probes, decoder, injector, request.timeout_s, is_drop)

@@ -510,7 +510,9 @@ def test_reply_outcome_clears_a_drop_seen_on_the_way():
     result = assemble(PROBE, events, reply=ECHO_REPLY)
     assert result.outcome == "reply"
     assert result.drop is None
-    assert result.hops[-1]["event"] == "drop"  # still shown as evidence
+    # Still shown as evidence, but as a free: the packet was not lost there.
+    assert result.hops[-1]["event"] == "free"
+    assert result.hops[-1]["reason"] == "NOT_SPECIFIED"
 
 
 def test_free_after_the_recv_event_is_benign():
