@@ -8,13 +8,15 @@ import json
 from rich.console import Console
 from rich.rule import Rule
 
+from tracer import check, render, scenario
 from tracer import lab as lab_module
-from tracer import render, scenario, trace
 
 
 def lab(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
         return lab_up(args.scenario, args.step)
+    if args.lab_command == "run":
+        return lab_run(args)
     if args.lab_command == "down":
         removed = lab_module.down()
         print(f"removed namespaces: {' '.join(removed)}" if removed else "no lab was up")
@@ -79,18 +81,89 @@ def _show_step(console: Console, step: scenario.Step) -> None:
 def _demo_probe(console: Console, probe: scenario.Probe) -> int:
     """Trace one probe; 1 if its outcome is not what the scenario expects."""
     console.print(f"$ nstrace ping {probe.src} {probe.dst}", style="bold", highlight=False)
-    request = trace.parse_request(probe.src, probe.dst, probe.proto, timeout_s=1.0,
-                                  port=probe.port)
-    result = trace.ping(request)
+    result = check.trace_probe(probe)
     render.render_text(result, console)
-    expected = probe.expect.get("outcome")
-    unexpected = probe.expect.get("outcome_not")
-    wrong = (expected and result.outcome != expected) or (
-        unexpected and result.outcome == unexpected
-    )
-    if wrong:
-        want = expected or f"anything but {unexpected}"
-        console.print(f"[red]expected {want}, got {result.outcome}", highlight=False)
+    failed = [v for v in check.evaluate(probe.expect, result) if not v.held]
+    for verdict in failed:
+        console.print(
+            f"[red]expected {verdict.key} {verdict.expected}, saw {verdict.seen}",
+            highlight=False,
+        )
     console.print()
-    return 1 if wrong else 0
+    return 1 if failed else 0
+
+
+def lab_run(args: argparse.Namespace) -> int:
+    """Walk every step of a scenario: trace its probes, show what changed."""
+    from tracer import diff
+
+    console = render.console()
+    chosen = scenario.load(args.scenario)
+    runs = []
+    walk = check.walk(chosen, args.timeout, on_step=None if args.json else (
+        lambda step: _show_step(console, step)), keep=args.keep)
+    for run in walk:
+        runs.append(run)
+        if args.json:
+            continue
+        console.print(f"$ nstrace ping {run.probe.src} {run.probe.dst}",
+                      style="bold", highlight=False)
+        console.print(render.outcome_line(run.result))
+        since = f"step {run.previous_step}"
+        diff.render_changes(run.diff(), console, since)
+        for verdict in run.verdicts:
+            style = "green" if verdict.held else "bold red"
+            mark = "holds" if verdict.held else f"FAILED, saw {verdict.seen}"
+            console.print(f"  expect {verdict.key} {verdict.expected}: {mark}",
+                          style=style, highlight=False, soft_wrap=True)
+        console.print()
+    if args.json:
+        print(json.dumps([_run_json(run) for run in runs], indent=2))
+    return 0 if runs and all(run.held for run in runs) else 1
+
+
+def _run_json(run: check.ProbeRun) -> dict:
+    return {
+        "step": run.step.number,
+        "title": run.step.title,
+        "probe": {"from": run.probe.src, "to": run.probe.dst,
+                  "proto": run.probe.proto, "port": run.probe.port},
+        "outcome": run.result.outcome,
+        "expectations": [vars(v) for v in run.verdicts],
+        "previous_step": run.previous_step,
+        "changes": run.diff().to_json() if run.previous else None,
+        "result": run.result.to_json(),
+    }
+
+
+def check_scenario(args: argparse.Namespace) -> int:
+    """`nstrace check`: every expectation of a scenario, as a table."""
+    chosen = scenario.load(args.scenario)
+    report = check.check(chosen, args.timeout)
+    check.render_report(report, render.console())
+    if args.junit:
+        check.write_junit(report, args.junit)
+    return report.exit_code()
+
+
+def diff_results(args: argparse.Namespace) -> int:
+    """`nstrace diff`: what changed between two saved `nstrace ping --json`."""
+    from tracer import diff
+    from tracer.errors import UsageError
+
+    before, after = diff.load_result(args.before), diff.load_result(args.after)
+    mismatch = diff.probe_mismatch(before, after)
+    if mismatch:
+        raise UsageError(f"{mismatch}; compare two traces of the same probe")
+    change = diff.compare(before, after)
+    if args.json:
+        print(json.dumps(change.to_json(), indent=2))
+        return 0 if change.unchanged else 1
+    console = render.console()
+    console.print(f"{render.header(before)}  (before: {args.before})", highlight=False)
+    console.print(render.outcome_line(before))
+    console.print(f"{render.header(after)}  (after: {args.after})", highlight=False)
+    console.print(render.outcome_line(after))
+    diff.render_changes(change, console, args.before)
+    return 0 if change.unchanged else 1
 

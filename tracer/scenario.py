@@ -377,7 +377,15 @@ class _Checker:
         for key, value in expect.items():
             problem = EXPECT_KEYS[key](value)
             if problem:
-                raise self.fail(expect, f"{what}: {key} {problem}")
+                raise self.fail(expect, f"{what}: {key} {problem}", key)
+            for name in expected_namespaces(key, value):
+                if name not in self.namespaces:
+                    raise self.fail(
+                        expect,
+                        f"{what}: {key} names {name!r}, which is not one of the "
+                        f"scenario's namespaces ({', '.join(self.namespaces)})",
+                        key,
+                    )
         return dict(expect)
 
 
@@ -412,10 +420,162 @@ def _outcomes(value: Any) -> str | None:
     return next(filter(None, map(_one_outcome, values)), None)
 
 
+class BadExpectation(ValueError):
+    """What is wrong with one expectation's value (becomes a UsageError)."""
+
+
+# Hook names as the kernel's netfilter hooks are called in iptables (and in
+# the bridge family's nftables chains, written there in lower case).
+HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+DIRECTIONS = ("request", "reply")
+FAMILIES = ("ip", "bridge")
+NAT_FIELDS = ("src", "dst")
+_CAUSE_CODE = re.compile(r"^[a-z][a-z0-9-]*$")
+_HOOK_KEYS = ("netns", "hook", "dir", "family")
+_DROP_KEYS = ("netns", "hook", "dir", "reason", "dev")
+_NAT_KEYS = ("netns", "hook", "dir", "field", "from", "to")
+_CAUSE_KEYS = ("code", "netns")
+
+
+def hook_pattern(value: Any) -> dict[str, str]:
+    """A hook crossing as a mapping: ``{netns, hook, dir?, family?}``.
+
+    The short form is a string ``"NETNS HOOK [DIR] [FAMILY]"``, for example
+    ``host FORWARD reply``. Raises BadExpectation saying what is wrong.
+    """
+    if isinstance(value, str):
+        words = value.split()
+        if not 2 <= len(words) <= 4:
+            raise BadExpectation(
+                f"{value!r} is not `NETNS HOOK [DIR] [FAMILY]` (e.g. host FORWARD reply)"
+            )
+        value = dict(zip(_HOOK_KEYS, words))
+    if not isinstance(value, dict):
+        raise BadExpectation(f"{value!r} is neither `NETNS HOOK [DIR]` nor a mapping")
+    pattern = _known_keys(value, _HOOK_KEYS)
+    for key in ("netns", "hook"):
+        if key not in pattern:
+            raise BadExpectation(f"{value!r} has no {key}")
+    return _checked_fields(pattern)
+
+
+def _known_keys(value: dict, known: tuple[str, ...]) -> dict[str, str]:
+    for key in value:
+        if key not in known:
+            raise BadExpectation(f"unknown key {key!r} (known: {', '.join(known)})")
+    return {key: str(item) for key, item in value.items()}
+
+
+def _checked_fields(pattern: dict[str, str]) -> dict[str, str]:
+    """Upper-case the hook name, and check the fields with a fixed vocabulary."""
+    if "hook" in pattern:
+        pattern["hook"] = pattern["hook"].upper()
+    choices = {"hook": HOOKS, "dir": DIRECTIONS, "family": FAMILIES}
+    choices["field"] = NAT_FIELDS
+    for key, allowed in choices.items():
+        if key in pattern and pattern[key] not in allowed:
+            raise BadExpectation(
+                f"{key} {pattern[key]!r} is not one of {', '.join(allowed)}"
+            )
+    for key in ("from", "to"):
+        if key in pattern and not _is_ipv4(pattern[key]):
+            raise BadExpectation(f"{key} {pattern[key]!r} is not an IPv4 address")
+    return pattern
+
+
+def drop_pattern(value: Any) -> dict[str, str] | None:
+    """The drop point to expect, or None for "nothing may be dropped"."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise BadExpectation("must be a mapping of netns, hook, dir, reason, or null")
+    return _checked_fields(_known_keys(value, _DROP_KEYS))
+
+
+def nat_patterns(value: Any) -> list[dict[str, str]]:
+    """Rewrites to expect; an empty list means no rewrite at all."""
+    items = value if isinstance(value, list) else [value]
+    patterns = []
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict) or not item:
+            raise BadExpectation(
+                f"item {number} must be a mapping of {', '.join(_NAT_KEYS)}"
+            )
+        try:
+            patterns.append(_checked_fields(_known_keys(item, _NAT_KEYS)))
+        except BadExpectation as exc:
+            raise BadExpectation(f"item {number}: {exc}") from None
+    return patterns
+
+
+def hook_patterns(value: Any) -> list[dict[str, str]]:
+    """One hook crossing or a list of them, as mappings (see hook_pattern)."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise BadExpectation("is an empty list (name at least one hook)")
+    patterns = []
+    for number, item in enumerate(items, 1):
+        try:
+            patterns.append(hook_pattern(item))
+        except BadExpectation as exc:
+            raise BadExpectation(f"item {number}: {exc}") from None
+    return patterns
+
+
+def cause_pattern(value: Any) -> dict[str, str]:
+    """A cause code, alone or as ``{code, netns}``."""
+    pattern = {"code": value} if isinstance(value, str) else value
+    if not isinstance(pattern, dict):
+        raise BadExpectation(
+            "must be a cause code such as filter-drop, or {code, netns}"
+        )
+    pattern = _known_keys(pattern, _CAUSE_KEYS)
+    if not _CAUSE_CODE.match(pattern.get("code", "")):
+        raise BadExpectation(
+            f"code {pattern.get('code')!r} is not a cause code (e.g. no-snat)"
+        )
+    return pattern
+
+
+def _reading(parse: Callable[[Any], Any]) -> Callable[[Any], str | None]:
+    """A checker for EXPECT_KEYS made of a parser that raises BadExpectation."""
+
+    def check(value: Any) -> str | None:
+        try:
+            parse(value)
+        except BadExpectation as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+def expected_namespaces(key: str, value: Any) -> list[str]:
+    """The namespaces an (already checked) expectation names."""
+    if key in ("crossed", "not_crossed"):
+        return [p["netns"] for p in hook_patterns(value)]
+    if key == "nat":
+        return [p["netns"] for p in nat_patterns(value) if "netns" in p]
+    pattern = (
+        drop_pattern(value)
+        if key == "drop"
+        else cause_pattern(value)
+        if key == "cause"
+        else None
+    )
+    return [pattern["netns"]] if pattern and "netns" in pattern else []
+
+
 # One checker per expectation key: it returns what is wrong with a value, or
-# None. A later kind of expectation (hooks crossed, drop point, nat, cause
-# code) is one more entry here and one more reader in `nstrace check`.
+# None. tracer/check.py holds the reader that compares each key with a trace;
+# a new kind of expectation is one entry here and one there (a unit test
+# keeps the two lists equal). scenarios/README.md documents every key.
 EXPECT_KEYS: dict[str, Callable[[Any], str | None]] = {
     "outcome": _one_outcome,
     "outcome_not": _outcomes,  # one outcome or a list of them
+    "crossed": _reading(hook_patterns),  # hooks the packet got through
+    "not_crossed": _reading(hook_patterns),  # hooks it must not get through
+    "drop": _reading(drop_pattern),  # where it must die, or null: nowhere
+    "nat": _reading(nat_patterns),  # rewrites that must happen; [] for none
+    "cause": _reading(cause_pattern),  # the explanation's cause code
 }
