@@ -63,9 +63,23 @@ def render_json(result: TraceResult) -> str:
     return json.dumps(result.to_json(), indent=2)
 
 
-def render_text(result: TraceResult, console: Console) -> None:
-    """Print the result as a tree of hops followed by the outcome."""
-    console.print(_tree(result))
+def render_text(result: TraceResult, console: Console, full: bool = False) -> None:
+    """Print the result as a tree of hops followed by the outcome.
+
+    Unless *full*, the kernel's routine bookkeeping is left out of the tree:
+    see :func:`shown_hops`. The JSON always has every hop.
+    """
+    hops = result.hops if full else shown_hops(result.hops)
+    console.print(_tree(result, hops))
+    hidden = len(result.hops) - len(hops)
+    if hidden:
+        console.print(
+            Text(
+                f"({hidden} routine route and neighbour events not shown; "
+                "--all shows them)",
+                style=BENIGN_STYLE,
+            )
+        )
     console.print(outcome_line(result))
     if result.lost_events > 0:
         console.print(
@@ -88,11 +102,48 @@ def header(result: TraceResult) -> str:
     return f"{line} port {probe.dport}" if probe.dport else line
 
 
-def _tree(result: TraceResult) -> Tree:
+# Neighbour states worth a line of their own: resolution under way or failed.
+NEIGH_SHOWN = ("INCOMPLETE", "FAILED")
+RT_TABLE_LOCAL = 255
+
+
+def shown_hops(hops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The hops a person needs: without ARP's and the kernel's own look-ups.
+
+    Left out: neighbour updates that only confirm or age an entry (ARP that
+    works), successful look-ups in the local table (the kernel asking "is
+    this address mine?", e.g. while answering ARP), and a route look-up that
+    repeats the previous one in the same namespace with the same result.
+    """
+    shown: list[dict[str, Any]] = []
+    last_route: dict[str, tuple] = {}
+    for hop in hops:
+        if hop["event"] == "neigh":
+            if (hop.get("neigh") or {}).get("state") not in NEIGH_SHOWN:
+                continue
+        elif hop["event"] == "route":
+            if hop.get("table") == RT_TABLE_LOCAL and not hop.get("error"):
+                continue
+            same = (
+                hop["dir"],
+                hop["dst"],
+                hop.get("dev"),
+                hop.get("gateway"),
+                hop.get("table"),
+                hop.get("error"),
+            )
+            if last_route.get(hop["netns"]) == same:
+                continue
+            last_route[hop["netns"]] = same
+        shown.append(hop)
+    return shown
+
+
+def _tree(result: TraceResult, hops: list[dict[str, Any]] | None = None) -> Tree:
     tree = Tree(Text(header(result), style="bold"))
     group: Tree | None = None
     key: tuple[str, str] | None = None
-    for hop in result.hops:
+    for hop in result.hops if hops is None else hops:
         if (hop["dir"], hop["netns"]) != key:
             key = (hop["dir"], hop["netns"])
             group = tree.add(Text(f"{hop['dir']} · {hop['netns']}", style="bold"))

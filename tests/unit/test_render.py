@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,15 @@ from rich.console import Console
 
 from tracer import events as ev
 from tracer.path import Probe, TraceResult, assemble, load_recording
-from tracer.render import console, header, render_text
+from tracer.events import Event
+from tracer.render import console, header, render_text, shown_hops
 
 DATA = Path(__file__).parent.parent / "data"
 
 
-def text_of(result: TraceResult, width: int = 100) -> str:
+def text_of(result: TraceResult, width: int = 100, full: bool = False) -> str:
     out = Console(record=True, width=width, file=io.StringIO())
-    render_text(result, out)
+    render_text(result, out, full=full)
     return out.export_text()
 
 
@@ -113,10 +115,46 @@ def test_no_colour_codes_when_not_a_terminal(step6):
 
 
 def test_every_hop_fits_on_one_line_of_80_columns(step6):
-    lines = lines_of(step6, width=80)
+    lines = text_of(step6, width=80, full=True).splitlines()
     groups = 5
     assert len(lines) == 1 + groups + len(step6.hops) + 1
     assert max(len(line) for line in lines) <= 80
+
+
+def test_routine_route_and_neighbour_events_are_left_out_unless_asked():
+    c = Clock()
+    request = request_to_internet(c)
+    first_route = next(e for e in request if e.kind == "route")
+    events = [
+        *request,
+        replace(first_route, t_ns=c()),  # the same look-up again
+        replace(first_route, t_ns=c(), table=255, gateway=None),  # "is it mine?"
+        Event(
+            kind="neigh",
+            t_ns=c(),
+            netns="host",
+            dev="eth0",
+            neigh_addr="10.0.2.2",
+            neigh_state="REACHABLE",
+        ),
+        Event(
+            kind="neigh",
+            t_ns=c(),
+            netns="host",
+            dev="eth0",
+            neigh_addr="10.0.2.9",
+            neigh_state="FAILED",
+        ),
+    ]
+    base = assemble(PROBE, request)
+    result = assemble(PROBE, events)
+    shown = shown_hops(result.hops)
+    hidden_before = len(base.hops) - len(shown_hops(base.hops))
+    assert len(result.hops) - len(shown) == hidden_before + 3
+    assert [h["neigh"]["state"] for h in shown if h["event"] == "neigh"] == ["FAILED"]
+    brief, full = text_of(result), text_of(result, full=True)
+    assert f"{hidden_before + 3} routine route and neighbour events not shown" in brief
+    assert "REACHABLE" in full and "REACHABLE" not in brief
 
 
 def test_reply_outcome_line_gives_the_round_trip_time():
