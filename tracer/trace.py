@@ -161,7 +161,9 @@ def _trace(request: PingRequest, probes: Probes) -> TraceResult:
         )
         # Built before the probes are enabled: TCP and UDP look up their
         # source address first, and scapy is slow to import the first time.
+        building = time.perf_counter()
         injector.prepare()
+        request.timings["build_ms"] = (time.perf_counter() - building) * 1000
         probes.configure(proto=injector.proto, tag=injector.tag, dst=request.dst)
         decoder = Decoder(netns.names_by_inode())
 
