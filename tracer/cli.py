@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ping.add_argument("--json", action="store_true", help="print JSON (schema 1)")
     ping.add_argument(
+        "--record",
+        metavar="FILE",
+        help="also save the raw events as a recording that nstrace's tests "
+        "can replay (for bug reports)",
+    )
+    ping.add_argument(
         "--all",
         action="store_true",
         help="show every hop, also ARP's and routine route look-ups",
@@ -303,6 +309,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     request = trace.parse_request(
         args.src, args.dst, args.proto, args.timeout, args.host_ns, args.port
     )
+    request.record = args.record
     request.timings["imports_ms"] = (imported - started) * 1000
     request.timings["snapshot_ms"] = (time.perf_counter() - imported) * 1000
     result = trace.ping(request)

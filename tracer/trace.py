@@ -20,8 +20,15 @@ from tracer.collect import collect
 from tracer.errors import UsageError
 from tracer.events import FREE, Event
 from tracer.inject import make_probe
-from tracer.path import Probe, TraceResult, assemble, is_benign_free
+from tracer.path import (
+    Probe,
+    Recording,
+    TraceResult,
+    is_benign_free,
+    save_recording,
+)
 from tracer.probes import Decoder, Probes
+from tracer.rules import Flow, RuleTracer, bridge_events, start_rule_tracer, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ class PingRequest:
     proto: str = "icmp"
     timeout_s: float = 1.0
     port: int | None = None
+    record: str | None = None  # where to save the raw events for replay
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -149,6 +157,7 @@ def ping(request: PingRequest, probes: Probes | None = None) -> TraceResult:
 
 def _trace(request: PingRequest, probes: Probes) -> TraceResult:
     injector = make_probe(request.proto, request.src_netns, request.dst, request.port)
+    rule_tracer: RuleTracer | None = None
     try:
         ports = {"dport": request.port, "sport": injector.tag} if request.port else {}
         probe = Probe(
@@ -176,16 +185,32 @@ def _trace(request: PingRequest, probes: Probes) -> TraceResult:
                 and not is_benign_free(event, probe)
             )
 
+        # Rule attribution: nstrace's nftables tables mark the probe's flow
+        # for tracing; they go when the tracer is closed, or with the process.
+        started = time.perf_counter()
+        rule_tracer = start_rule_tracer(
+            namespaces_in_play(request), Flow(request.proto, injector.tag)
+        )
+        request.timings["rules_ms"] = (time.perf_counter() - started) * 1000
+
         started = time.perf_counter()
         got = collect(probes, decoder, injector, request.timeout_s, is_drop)
         request.timings["collect_ms"] = (time.perf_counter() - started) * 1000
+        crossings = rule_tracer.crossings() if rule_tracer else []
     finally:
         injector.close()
-    return assemble(
+        if rule_tracer is not None:
+            rule_tracer.close()
+    recording = Recording(
         probe,
-        got.events,
+        got.events + bridge_events(crossings, got.events),
         send_error=got.send_error,
         reply=got.reply.to_dict() if got.reply else None,
         lost_events=got.lost_events,
         timeout_s=request.timeout_s,
+        description=f"nstrace ping {request.src_netns} {request.dst} ({request.proto})",
+        verdicts=tuple(verdicts(crossings)),
     )
+    if request.record:
+        save_recording(request.record, recording)
+    return recording.assemble()
