@@ -47,7 +47,16 @@ Nothing here touches the kernel, so a recorded trace replays exactly.
    that the skb entered and never left (for ``NETFILTER_DROP``), otherwise to
    the last hook it entered there.
 
-5. **Outcome.** ``unreachable`` when ``sendto`` was refused or an ICMP error
+5. **Rules.** Rule attribution (`tracer.rules`) hands over the decision of
+   each netfilter base chain the probe crossed, keyed by namespace, hook
+   and direction but without a timestamp. The n-th crossing of a hook in a
+   namespace and direction goes to the n-th hook hop of the same key, as
+   ``rule`` (a drop if one of its tables dropped, else the last accept);
+   ``rules`` lists them all when several tables decided. The drop's
+   ``rule`` is the dropping decision at the drop's hook. Bridge-family hops
+   arrive as ``bridge`` events carrying their rule already.
+
+6. **Outcome.** ``unreachable`` when ``sendto`` was refused or an ICMP error
    (or a TCP reset) came back; ``reply`` when the answer reached the socket;
    ``dropped`` when a drop was seen; ``no-reply`` otherwise. User space's
    view of the socket is the truth for the outcome; the events explain it.
@@ -59,13 +68,17 @@ import copy
 import errno
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracer import events as ev
 from tracer.errors import UsageError
 from tracer.events import Event
+from tracer.rules import RuleVerdict
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +501,8 @@ def _add_hook_keys(hop: dict[str, Any], step: _Step) -> None:
         hop["after"] = {"src": last.src, "dst": last.dst}
     if e.kind == ev.HOOK and not step.paired:
         hop["passed"] = False
+    if e.kind == ev.BRIDGE and e.extra.get("rule"):
+        hop["rule"] = copy.deepcopy(e.extra["rule"])
 
 
 def _add_route_keys(hop: dict[str, Any], e: Event) -> None:
@@ -568,6 +583,65 @@ def _drop_record(steps: list[_Step], index: int) -> dict[str, Any]:
     }
 
 
+# ---- rule verdicts ----------------------------------------------------------
+
+
+def _attach_verdicts(
+    steps: list[_Step], verdicts: Sequence[RuleVerdict]
+) -> dict[int, list[dict[str, Any]]]:
+    """The rules that decided each hook step, by id() of the step (see the top)."""
+    # One crossing of a hook: consecutive verdicts of one skb (trace id).
+    crossings: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
+    last: tuple[Any, ...] | None = None
+    for v in verdicts:
+        key = (v.netns, v.hook, v.dir)
+        if (key, v.trace_id) != last:
+            crossings.setdefault(key, []).append([])
+            last = (key, v.trace_id)
+        crossings[key][-1].append(v.rule)
+    attached: dict[int, list[dict[str, Any]]] = {}
+    for step in steps:
+        e = step.event
+        queue = crossings.get((e.netns, e.hook or "", step.dir))
+        if e.kind == ev.HOOK and queue:
+            attached[id(step)] = queue.pop(0)
+    return attached
+
+
+def _deciding_rule(rules: list[dict[str, Any]]) -> dict[str, Any]:
+    drops = [r for r in rules if r.get("verdict") == "drop"]
+    return copy.deepcopy(drops[0] if drops else rules[-1])
+
+
+def _add_rules(hop: dict[str, Any], rules: list[dict[str, Any]] | None) -> None:
+    if not rules:
+        return
+    hop["rule"] = _deciding_rule(rules)
+    if len(rules) > 1:
+        hop["rules"] = copy.deepcopy(rules)
+
+
+def _drop_rule(
+    steps: list[_Step], index: int, attached: dict[int, list[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """The rule or policy that dropped the packet freed at steps[index]."""
+    hook_step = _drop_hook(steps, index)
+    rules = attached.get(id(hook_step), []) if hook_step is not None else []
+    if any(r.get("verdict") == "drop" for r in rules):
+        return _deciding_rule(rules)
+    # A bridge-family drop: the bridge hop of the same packet before the free.
+    free = steps[index]
+    for step in reversed(steps[:index]):
+        rule = step.event.extra.get("rule") if step.event.kind == ev.BRIDGE else None
+        if (
+            rule
+            and rule.get("verdict") == "drop"
+            and step.event.netns == free.event.netns
+        ):
+            return copy.deepcopy(rule)
+    return None
+
+
 # ---- outcome ---------------------------------------------------------------
 
 
@@ -636,12 +710,18 @@ def assemble(
     reply: dict[str, Any] | None = None,
     lost_events: int = 0,
     timeout_s: float | None = None,
+    verdicts: Sequence[RuleVerdict] = (),
 ) -> TraceResult:
-    """Build the trace result of one probe from its events (see the top)."""
+    """Build the trace result of one probe from its events (see the top).
+
+    *verdicts* are the netfilter decisions from rule attribution, in the
+    order the kernel reported them (`tracer.rules.verdicts`).
+    """
     ordered = sorted(events, key=lambda e: e.t_ns)
     probe = _with_source(probe, ordered)
     dirs = _assign_directions(ordered, probe)
     steps = _pair_events(ordered, dirs)
+    attached = _attach_verdicts(steps, verdicts)
 
     reply_info = _reply_info(reply, ordered)
     replied_at = _replied_at(reply_info, ordered)
@@ -650,10 +730,12 @@ def assemble(
     drop_t: int | None = None
     for i, step in enumerate(steps):
         hop = _hop(step)
+        _add_rules(hop, attached.get(id(step)))
         if step.event.kind == ev.FREE and not _is_benign(
             step.event, step.dir, probe, replied_at
         ):
             record = _drop_record(steps, i)
+            record["rule"] = _drop_rule(steps, i, attached)
             hop["event"], hop["hook"] = "drop", record["hook"]
             if drop is None:
                 drop, drop_t = record, step.event.t_ns
@@ -713,6 +795,7 @@ class Recording(NamedTuple):
     lost_events: int = 0
     timeout_s: float | None = None
     description: str = ""
+    verdicts: tuple[RuleVerdict, ...] = ()
 
     def assemble(self) -> TraceResult:
         return assemble(
@@ -722,6 +805,7 @@ class Recording(NamedTuple):
             reply=self.reply,
             lost_events=self.lost_events,
             timeout_s=self.timeout_s,
+            verdicts=self.verdicts,
         )
 
 
@@ -745,6 +829,7 @@ def load_recording(path: str | Path) -> Recording:
             lost_events=data.get("lost_events", 0),
             timeout_s=data.get("timeout_s"),
             description=data.get("description", ""),
+            verdicts=tuple(RuleVerdict(**v) for v in data.get("verdicts", [])),
         )
     except (KeyError, TypeError) as err:
         raise UsageError(f"recording {path} is malformed: {err}") from err
@@ -771,6 +856,7 @@ def recording_to_json(recording: Recording) -> dict[str, Any]:
         "lost_events": recording.lost_events,
         "timeout_s": recording.timeout_s,
         "events": [e.to_dict() for e in recording.events],
+        "verdicts": [asdict(v) for v in recording.verdicts],
     }
 
 
