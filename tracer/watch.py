@@ -1,0 +1,347 @@
+"""`nstrace watch`: a live trace of every packet that matches a filter.
+
+The probes run in their watch mode (MODE_WATCH in probes/nstrace.bpf.c): the
+kernel keeps packets whose protocol, address (source or destination, outer or
+quoted) and port match, in one namespace or in all, and sends one record per
+observation point. Each record becomes one line, numbered by packet: a packet
+is one skb, known by its address, until it is freed or not seen for a while
+(the kernel soon reuses a freed skb's memory for another packet). Route
+lookups and neighbour updates carry no skb; they are shown under the packet
+seen last, which is the one they were made for (the kernel makes them while
+handling it, on the same CPU).
+
+Lost records (the ring buffer was full) are counted by the kernel; the count
+is printed whenever it grows, so that a gap is never silent. Ctrl-C, SIGTERM
+or --duration ends the watch; probes are detached on every way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import logging
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tracer import netns
+from tracer.errors import UsageError
+from tracer.events import (
+    FREE,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    NEIGH,
+    ROUTE,
+    Event,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"icmp": IPPROTO_ICMP, "tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+# An skb address not seen for this long names a new packet (the BPF side
+# forgets tracked skbs after 100 ms, TRACKED_FRESH_NS, for the same reason).
+PACKET_IDLE_NS = 100 * 1000 * 1000
+POLL_MS = 200
+
+
+@dataclass
+class Filter:
+    """What to watch; None or 0 matches anything."""
+
+    netns: str | None = None
+    host: str | None = None
+    proto: int = 0
+    port: int = 0
+
+    def describe(self) -> str:
+        parts = [
+            f"netns {self.netns}" if self.netns else "",
+            f"host {self.host}" if self.host else "",
+            PROTOCOL_NAMES.get(self.proto, ""),
+            f"port {self.port}" if self.port else "",
+        ]
+        return " ".join(part for part in parts if part) or "every IPv4 packet"
+
+
+def parse_filter(
+    netns_name: str | None = None,
+    host: str | None = None,
+    proto: str | None = None,
+    port: int | None = None,
+    host_ns: str = "host",
+) -> Filter:
+    """Check the command line's filters; UsageError names the bad one."""
+    chosen = Filter()
+    if netns_name is not None:
+        from tracer.trace import source_namespace
+
+        chosen.netns = source_namespace(netns_name, host_ns)
+    if host is not None:
+        chosen.host = _ipv4(host)
+    if proto is not None:
+        if proto.lower() not in PROTOCOLS:
+            raise UsageError(
+                f"unknown protocol {proto!r}; use one of: {', '.join(PROTOCOLS)}"
+            )
+        chosen.proto = PROTOCOLS[proto.lower()]
+    if port is not None:
+        if not 1 <= port <= 65535:
+            raise UsageError(f"port {port} is out of range; give 1 to 65535")
+        if chosen.proto == IPPROTO_ICMP:
+            raise UsageError("ICMP has no ports; drop --port or use --proto tcp/udp")
+        chosen.port = port
+    return chosen
+
+
+def _ipv4(text: str) -> str:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is not an IPv4 address; give one like 11.11.11.2"
+        ) from None
+    if address.version != 4:
+        raise UsageError(f"{text} is not an IPv4 address; nstrace traces IPv4 only")
+    return str(address)
+
+
+@dataclass
+class Grouper:
+    """Numbers packets by skb address, and remembers what was printed."""
+
+    packets: int = 0
+    events: int = 0
+    last_seen: dict[int, tuple[int, int]] = field(default_factory=dict)
+    current: int = 0
+
+    def packet_of(self, event: Event) -> tuple[int, bool]:
+        """The packet number of *event*, and whether it starts a new packet."""
+        self.events += 1
+        if not event.skb or event.kind in (ROUTE, NEIGH):
+            return self.current, False
+        seen = self.last_seen.get(event.skb)
+        new = seen is None or event.t_ns - seen[1] > PACKET_IDLE_NS
+        if new:
+            self.packets += 1
+            number = self.packets
+        else:
+            number = seen[0]
+        self.current = number
+        if event.kind == FREE:
+            self.last_seen.pop(event.skb, None)
+        else:
+            self.last_seen[event.skb] = (number, event.t_ns)
+        if len(self.last_seen) > 65536:  # skbs whose end was not seen
+            self._forget_idle(event.t_ns)
+        return number, new
+
+    def _forget_idle(self, now_ns: int) -> None:
+        for skb, (_number, t_ns) in list(self.last_seen.items()):
+            if now_ns - t_ns > PACKET_IDLE_NS:
+                del self.last_seen[skb]
+
+
+def hop_record(event: Event, packet: int) -> dict[str, Any]:
+    """One hop as a JSON-ready dict (the --json line, without empty fields)."""
+    record: dict[str, Any] = {"packet": packet}
+    record.update(event.to_dict())
+    record.pop("skb", None)
+    record["event"] = record.pop("kind")
+    if event.proto:
+        record["proto"] = PROTOCOL_NAMES.get(event.proto, event.proto)
+    return record
+
+
+def hop_text(event: Event, packet: int) -> str:
+    """One hop as a line: packet number, namespace, event, device, what it saw."""
+    where = event.dev or event.out_dev or event.in_dev or "-"
+    parts = [f"#{packet:<5}", f"{event.netns:<10}", f"{event.kind:<5}", f"{where:<8}"]
+    if event.hook:
+        parts.append(f"{event.hook}/{event.stage}")
+    if event.src or event.dst:
+        parts.append(f"{event.src or '*'} > {event.dst or '*'}")
+    parts.append(_transport(event))
+    if event.kind == FREE:
+        parts.append(f"freed: {event.reason}")
+    elif event.kind == ROUTE:
+        parts.append(f"route error {event.error}" if event.error else "route ok")
+    elif event.kind == NEIGH:
+        parts.append(f"neighbour {event.neigh_addr} {event.neigh_state}")
+    return "  ".join(part for part in parts if part).rstrip()
+
+
+def _transport(event: Event) -> str:
+    name = PROTOCOL_NAMES.get(event.proto, str(event.proto) if event.proto else "")
+    if event.proto == IPPROTO_ICMP and event.icmp_type is not None:
+        return f"{name} type {event.icmp_type} id {event.ident} seq {event.seq}"
+    if event.sport or event.dport:
+        return f"{name} {event.sport} > {event.dport}"
+    return name
+
+
+class Printer:
+    """Writes hops, lost counts and the summary as text or JSON lines."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.grouper = Grouper()
+        self.lost = 0
+
+    def hops(self, events: Iterable[Event]) -> None:
+        lines = []
+        for event in events:
+            packet, new = self.grouper.packet_of(event)
+            if self.as_json:
+                lines.append(json.dumps(hop_record(event, packet)))
+            else:
+                if new:
+                    lines.append(f"packet #{packet}")
+                lines.append("  " + hop_text(event, packet))
+        if lines:
+            self.out.write("\n".join(lines) + "\n")
+            self.out.flush()
+
+    def lost_count(self, lost: int) -> None:
+        """Say so whenever the kernel's count of lost records grows."""
+        if lost <= self.lost:
+            return
+        self.lost = lost
+        if self.as_json:
+            self.out.write(json.dumps({"lost_events": lost}) + "\n")
+        else:
+            self.out.write(f"-- {lost} events lost so far (ring buffer full)\n")
+        self.out.flush()
+
+    def summary(self, elapsed_s: float) -> dict[str, Any]:
+        done = {
+            "summary": True,
+            "packets": self.grouper.packets,
+            "events": self.grouper.events,
+            "lost_events": self.lost,
+            "seconds": round(elapsed_s, 3),
+        }
+        if self.as_json:
+            self.out.write(json.dumps(done) + "\n")
+        else:
+            self.out.write(
+                f"watched {done['packets']} packets, {done['events']} events, "
+                f"{self.lost} lost, in {elapsed_s:.1f} s\n"
+            )
+        self.out.flush()
+        return done
+
+
+def watch(
+    chosen: Filter,
+    out: TextIO = sys.stdout,
+    as_json: bool = False,
+    duration_s: float | None = None,
+) -> dict[str, Any]:
+    """Trace matching packets until Ctrl-C (or *duration_s*); return the summary."""
+    from tracer.probes import MODE_WATCH, Decoder, Probes
+
+    printer = Printer(out, as_json)
+    probes = Probes()
+    started = time.monotonic()
+    try:
+        probes.link_netfilter(_namespaces(chosen))
+        probes.configure(
+            mode=MODE_WATCH,
+            proto=chosen.proto,
+            addr=chosen.host,
+            port=chosen.port,
+            netns_inode=netns.inode_of(chosen.netns) if chosen.netns else 0,
+        )
+        decoder = Decoder(netns.names_by_inode())
+        log.info("watching %s", chosen.describe())
+        started = time.monotonic()
+        with _stop_signals() as wakeup:
+            _loop(probes, decoder, printer, wakeup, started, duration_s)
+        printer.hops(decoder.decode(raw) for raw in probes.poll(0))
+        printer.lost_count(probes.lost())
+    finally:
+        probes.disable()
+        probes.close()
+    return printer.summary(time.monotonic() - started)
+
+
+def _namespaces(chosen: Filter) -> list[str]:
+    """Where to link the hook programs: the chosen namespace, or every named one.
+
+    The namespace nstrace runs in is linked only when asked for by name
+    (`--netns root`): the sandbox keeps its hands off it (DESIGN.md).
+    """
+    if chosen.netns:
+        return [chosen.netns]
+    return netns.list_named()
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[socket.socket]:
+    """Turn Ctrl-C and SIGTERM into a byte on a socket, for the whole watch.
+
+    Raising KeyboardInterrupt, Python's default, could land inside libbpf's
+    ring-buffer callback, where ctypes prints the exception and drops it
+    (ctypes documentation, "Callback functions"); a byte written by the
+    C-level handler (signal.set_wakeup_fd) wakes the loop without that risk.
+    """
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old_fd = signal.set_wakeup_fd(writer.fileno())
+    try:
+        for sig in previous:
+            signal.signal(sig, lambda _signum, _frame: None)
+        yield reader
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_fd)
+        reader.close()
+        writer.close()
+
+
+def _loop(
+    probes: Any,
+    decoder: Any,
+    printer: Printer,
+    wakeup: socket.socket,
+    started: float,
+    duration_s: float | None,
+) -> None:
+    deadline = started + duration_s if duration_s else None
+    with selectors.DefaultSelector() as selector:
+        selector.register(probes.fileno(), selectors.EVENT_READ, "ring")
+        selector.register(wakeup, selectors.EVENT_READ, "signal")
+        while True:
+            wait_s = POLL_MS / 1000
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - time.monotonic())
+                if wait_s <= 0:
+                    return
+            ready = selector.select(wait_s)
+            printer.hops(decoder.decode(raw) for raw in probes.poll(0))
+            printer.lost_count(probes.lost())
+            if any(key.data == "signal" for key, _mask in ready):
+                log.debug("interrupted; detaching")
+                return
+
+
+def main(args: argparse.Namespace) -> int:
+    """The `nstrace watch` command."""
+    chosen = parse_filter(args.netns, args.host, args.proto, args.port)
+    if not args.json:
+        print(f"watching {chosen.describe()}; Ctrl-C to stop", file=sys.stderr)
+    watch(chosen, as_json=args.json, duration_s=args.duration)
+    return 0
