@@ -13,9 +13,12 @@ trace every probe and judge it, and tear the lab down at the end.
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,19 +91,30 @@ def _crossings_in(result: TraceResult, netns: str) -> str:
     mine = [c for c in diff.crossings(result) if c.netns == netns]
     if not mine:
         return f"no hook crossed in {netns}"
-    return f"crossed in {netns}: " + ", ".join(f"{c.hook} {c.dir}" for c in mine)
+    return f"crossed in {netns}: " + ", ".join(str(c)[len(netns) + 1 :] for c in mine)
+
+
+def _hook_patterns(value: Any) -> list[dict[str, str]]:
+    # A hook without a family is an IPv4 hook, as in hooks_hit (DESIGN.md):
+    # the bridge family's own FORWARD is another hook than iptables' FORWARD.
+    return [{"family": "ip", **p} for p in scenario.hook_patterns(value)]
+
+
+def _hook_text(pattern: dict[str, str]) -> str:
+    keys = _HOOK_TEXT if pattern.get("family") != "ip" else _HOOK_TEXT[:3]
+    return _pattern_text(pattern, keys)
 
 
 def _read_crossed(value: Any, result: TraceResult) -> tuple[str, bool, str]:
-    patterns = scenario.hook_patterns(value)
+    patterns = _hook_patterns(value)
     crossed = diff.crossings(result)
-    expected = ", ".join(_pattern_text(p, _HOOK_TEXT) for p in patterns)
+    expected = ", ".join(_hook_text(p) for p in patterns)
     missing = [p for p in patterns if not any(_matches(p, c) for c in crossed)]
     if not missing:
         return expected, True, expected
     seen = []
     for pattern in missing:
-        text = f"not {_pattern_text(pattern, _HOOK_TEXT)}"
+        text = f"not {_hook_text(pattern)}"
         drop = result.drop
         if drop and _matches({k: v for k, v in pattern.items() if k != "family"}, drop):
             text += f" (dropped there: {drop.get('reason')})"
@@ -109,9 +123,9 @@ def _read_crossed(value: Any, result: TraceResult) -> tuple[str, bool, str]:
 
 
 def _read_not_crossed(value: Any, result: TraceResult) -> tuple[str, bool, str]:
-    patterns = scenario.hook_patterns(value)
+    patterns = _hook_patterns(value)
     crossed = diff.crossings(result)
-    expected = "none of " + ", ".join(_pattern_text(p, _HOOK_TEXT) for p in patterns)
+    expected = "none of " + ", ".join(_hook_text(p) for p in patterns)
     hits = [str(c) for c in crossed if any(_matches(p, c) for p in patterns)]
     if hits:
         return expected, False, "crossed " + ", ".join(hits)
@@ -138,12 +152,16 @@ def _nat_seen(result: TraceResult) -> str:
     return "; ".join(diff.describe_nat(entry) for entry in result.nat)
 
 
+def _nat_text(pattern: dict[str, str]) -> str:
+    where = _pattern_text(pattern, ("netns", "hook", "dir", "field"))
+    return f"{where} {pattern.get('from', '*')} -> {pattern.get('to', '*')}"
+
+
 def _read_nat(value: Any, result: TraceResult) -> tuple[str, bool, str]:
     patterns = scenario.nat_patterns(value)
     if not patterns:
         return "no rewrite", not result.nat, _nat_seen(result)
-    keys = ("netns", "hook", "dir", "field", "from", "to")
-    expected = "; ".join(_pattern_text(p, keys) for p in patterns)
+    expected = "; ".join(map(_nat_text, patterns))
     held = all(any(_matches(p, entry) for entry in result.nat) for p in patterns)
     return expected, held, _nat_seen(result)
 
@@ -199,6 +217,46 @@ def trace_probe(probe: Probe, timeout_s: float = PROBE_TIMEOUT_S) -> TraceResult
     return trace.ping(request)
 
 
+# Operational states of a link whose carrier is on but that the kernel's
+# linkwatch worker has not processed yet. Until it has, the device still has
+# the noop qdisc, which drops everything sent (dev_activate() runs from
+# linkwatch, net/core/link_watch.c), and linkwatch defers non-urgent events
+# by up to a second. A probe sent just after `ip link set ... up` can vanish
+# there (measured: RED's first ARP request through a fresh br0).
+_NOT_YET_UP = ("DOWN", "LOWERLAYERDOWN", "DORMANT")
+SETTLE_TIMEOUT_S = 3.0
+
+
+def _unsettled(ns: str) -> list[str]:
+    done = subprocess.run(
+        ["ip", "-n", ns, "-j", "link", "show"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    links = json.loads(done.stdout or "[]") if done.returncode == 0 else []
+    return [
+        f"{ns}/{link.get('ifname')}"
+        for link in links
+        if {"UP", "LOWER_UP"} <= set(link.get("flags", []))
+        and link.get("operstate") in _NOT_YET_UP
+    ]
+
+
+def settle(namespaces: Iterable[str], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until every link that has a carrier is operationally up."""
+    deadline = time.monotonic() + timeout_s
+    names = list(namespaces)
+    while True:
+        waiting = [link for ns in names for link in _unsettled(ns)]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            log.warning("links still not up after %.1fs: %s", timeout_s, waiting)
+            return
+        time.sleep(0.02)
+
+
 @dataclass
 class ProbeRun:
     """One probe of one step: its trace, its verdicts, the trace before it."""
@@ -234,6 +292,7 @@ def walk(
     try:
         for step in chosen.steps:
             lab.goto(chosen, step.number)
+            settle(chosen.namespaces)
             if on_step:
                 on_step(step)
             for probe in step.probes:
