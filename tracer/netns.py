@@ -37,6 +37,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 T = TypeVar("T")
 
+# Namespaces known by a name but held elsewhere than /run/netns: Docker
+# containers (/proc/PID/ns/net), registered by tracer.docker.
+_REGISTERED: dict[str, str] = {}
+
 
 def check_name(name: str) -> str:
     """Return *name* if it can name a namespace, else raise UsageError."""
@@ -48,10 +52,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def register(name: str, path: str) -> None:
+    """Let *name* stand for the namespace at *path* (a container's, say)."""
+    _REGISTERED[check_name(name)] = path
+
+
 def path_of(name: str) -> str:
     """The file that holds namespace *name* (`root` is nstrace's own)."""
     if name == ROOT:
         return ROOT_PATH
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     check_name(name)
     path = os.path.join(NETNS_RUN_DIR, name)
     if not os.path.exists(path):
@@ -60,7 +71,9 @@ def path_of(name: str) -> str:
 
 
 def exists(name: str) -> bool:
-    return name == ROOT or os.path.exists(os.path.join(NETNS_RUN_DIR, name))
+    if name == ROOT or name in _REGISTERED:
+        return True
+    return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
 
 
 def inode_of(name: str) -> int:
@@ -81,6 +94,11 @@ def names_by_inode() -> dict[int, str]:
     for name in list_named():
         try:
             table[os.stat(os.path.join(NETNS_RUN_DIR, name)).st_ino] = name
+        except OSError:
+            continue
+    for name, path in _REGISTERED.items():
+        try:
+            table.setdefault(os.stat(path).st_ino, name)
         except OSError:
             continue
     table.setdefault(os.stat(ROOT_PATH).st_ino, ROOT)

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from tracer import netns
+from tracer import docker, netns
 from tracer.collect import collect
 from tracer.errors import UsageError
 from tracer.events import FREE, Event
@@ -85,10 +85,8 @@ def source_namespace(name: str, host_ns: str = HOST) -> str:
     if name != netns.ROOT:
         netns.check_name(name)
         if not netns.exists(name):
-            raise UsageError(
-                f"namespace {name} does not exist (see `ip netns list`, "
-                "or build the lab with `nstrace lab up`)"
-            )
+            # A Docker container's name, or a one-line error saying neither.
+            return docker.resolve(name)
     return name
 
 
@@ -114,7 +112,7 @@ def first_address(ns: str) -> str:
     """The namespace's first global IPv4 address, preferring non-loopback devices."""
     argv = ["ip", "-j", "-4", "addr", "show"]
     if ns != netns.ROOT:
-        argv[1:1] = ["-n", ns]
+        argv[:0] = ["nsenter", f"--net={netns.path_of(ns)}"]  # a container too
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     found = []
     for link in json.loads(out.stdout or "[]"):
@@ -133,6 +131,10 @@ def namespaces_in_play(request: PingRequest) -> list[str]:
     names = netns.list_named()
     if netns.ROOT in (request.src_netns, request.dst_netns):
         names.append(netns.ROOT)
+    # A container is in play when it is an endpoint (see tracer/docker.py).
+    for ns in (request.src_netns, request.dst_netns):
+        if ns and ns not in names:
+            names.append(ns)
     return names
 
 
