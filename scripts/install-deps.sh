@@ -43,6 +43,11 @@ need_command iperf3 iperf3
 want_command tcpdump tcpdump
 need_command make make
 
+# Pictures (`ping --svg/--png`, `lab run --report`): Graphviz's dot lays out
+# the topology; the report's tests open it in headless Chromium.
+need_command dot graphviz
+need_command chromium chromium
+
 # Python: Debian and Ubuntu split venv's ensurepip into python3-venv, without
 # which `python3 -m venv` fails half way ("ensurepip is not available").
 if ! command -v "$PYTHON" >/dev/null 2>&1; then

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every hop, also ARP's and routine route look-ups",
     )
     ping.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="also draw the topology with the path on it, as SVG (needs Graphviz)",
+    )
+    ping.add_argument("--png", metavar="FILE", help="the same picture as PNG")
+    ping.add_argument(
         "--host-ns",
         default="host",
         metavar="NS",
@@ -318,6 +324,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
         print(render.render_json(result))
     else:
         render.render_text(result, render.console(), full=args.all)
+    if args.svg or args.png:
+        from tracer import picture
+
+        picture.save(result, svg=args.svg, png=args.png)
     request.timings["render_ms"] = (time.perf_counter() - rendering) * 1000
     _write_timings(request.timings)
     return result.exit_code()

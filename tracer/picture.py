@@ -49,7 +49,7 @@ import networkx as nx
 
 from tracer import netns as netns_module
 from tracer.errors import CannotTraceError, UsageError
-from tracer.path import TraceResult
+from tracer.path import ROUTE_ERRORS, TraceResult
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,7 @@ FONT = "DejaVu Sans,Helvetica,Arial,sans-serif"
 MAX_NAMESPACES = 32  # following veth peers stops here, whatever the lab
 DOT_TIMEOUT = 30.0  # seconds; the tutorial's lab lays out in about 50 ms
 FORMATS = ("svg", "png")
-
-# Hooks that the packet meets on arriving at a device (the arrow that leaves
-# it carries them) against POSTROUTING, met on leaving (the arrow into it).
-_ARRIVAL_HOOKS = ("PREROUTING", "INPUT", "FORWARD")
+HOOKS_PER_LINE = 2  # a bridged frame crosses five hooks: wrap, not widen
 
 
 # ---- 1. topology -----------------------------------------------------------
@@ -204,7 +201,9 @@ def _device(ns: str, link: dict[str, Any]) -> Device | None:
         name=link["ifname"],
         kind=kind,
         addresses=addresses,
-        state=link.get("operstate", "UNKNOWN"),
+        # Administrative state: a veth's operstate can read DOWN while it
+        # carries traffic (seen on eth0 in the lab, kernel 6.18).
+        state="UP" if "UP" in link.get("flags", []) else "DOWN",
         master=link.get("master"),
     )
 
@@ -264,11 +263,14 @@ class _Walk:
         self.current: tuple[str, str] | None = None
         self.hooks: list[str] = []
         self.nat: list[str] = []
+        self.bridging: str | None = None  # namespace whose bridge forwards it
 
     def visit(self, ns: str, dev: str | None) -> None:
         if not dev or (ns, dev) == self.current:
             return
         place = (ns, dev)
+        if self.current and self.current[0] != ns:
+            self.bridging = None
         if self.current is not None:
             self.segments.append(Segment(self.current, place, self.hooks, self.nat))
             self.hooks, self.nat = [], []
@@ -319,8 +321,10 @@ def walk(hops: list[dict[str, Any]], direction: str) -> list[Segment]:
             trip.visit(ns, hop.get("dev"))
         elif event in ("send", "recv"):
             trip.visit(ns, LOCAL)
-        elif event in ("hook", "bridge") and hop.get("hook"):
+        elif event == "hook" and hop.get("hook"):
             _walk_hook(trip, hop)
+        elif event == "bridge" and hop.get("hook"):
+            _walk_bridge_hook(trip, hop)
         elif event == "drop":
             trip.visit(ns, hop.get("dev"))
             trip.visit(ns, DROP)
@@ -332,7 +336,12 @@ def _walk_hook(trip: _Walk, hop: dict[str, Any]) -> None:
     ns, hook = hop["netns"], hop["hook"]
     in_dev, out_dev = hop.get("in_dev"), hop.get("out_dev")
     passed = hop.get("passed", True) is not False
-    if hook == "OUTPUT":
+    if trip.bridging == ns:
+        # br_netfilter runs IPv4's hooks on a bridged frame with the bridge as
+        # both devices (net/bridge/br_netfilter_hooks.c): they say where the
+        # frame was checked, not where it went.
+        trip.note(hop, on_last=True)
+    elif hook == "OUTPUT":
         trip.visit(ns, LOCAL)
         trip.note(hop)
         if passed:
@@ -345,8 +354,24 @@ def _walk_hook(trip: _Walk, hop: dict[str, Any]) -> None:
         trip.note(hop)
         if passed and hook == "INPUT":
             trip.visit(ns, LOCAL)
-        elif passed and hook not in _ARRIVAL_HOOKS:
-            trip.visit(ns, out_dev)  # the bridge family's own hooks
+
+
+def _walk_bridge_hook(trip: _Walk, hop: dict[str, Any]) -> None:
+    # The bridge family's hooks (a port's frame, before br_netfilter hands it
+    # to IPv4's hooks on the bridge device) only annotate: moving to the port
+    # again would draw the frame going back from br0 to the port.
+    note = {**hop, "hook": f"bridge {hop['hook']}", "after": None}
+    passed = hop.get("passed", True) is not False
+    if hop["hook"] == "FORWARD":
+        trip.note(note)
+        if passed:
+            trip.visit(hop["netns"], hop.get("out_dev"))
+            trip.bridging = hop["netns"]
+    elif hop["hook"] == "POSTROUTING":
+        trip.visit(hop["netns"], hop.get("out_dev"))
+        trip.note(note, on_last=True)
+    else:
+        trip.note(note)
 
 
 def build_graph(
@@ -463,8 +488,9 @@ def _end_text(data: dict[str, Any]) -> list[str]:
         return ["? no reply seen", "after this point"]
     lines = [f"✖ {outcome}"]
     for hop in data.get("hops", []):
-        if hop.get("event") == "route" and hop.get("error") not in (None, "EAGAIN"):
-            lines.append(f"route to {hop.get('dst')}: {hop['error']}")
+        if hop.get("event") == "route" and hop.get("error"):
+            meaning = ROUTE_ERRORS.get(hop["error"], hop["error"])
+            lines.append(f"{hop['netns']}: {meaning} to {hop.get('dst')}")
             break
     if data.get("error"):
         lines.append(str(data["error"]))
@@ -573,8 +599,10 @@ def _node_attrs(graph: nx.MultiDiGraph, node: tuple[str, str]) -> str:
 def _path_attrs(edge: dict[str, Any]) -> str:
     colour = REQUEST_COLOUR if edge["dir"] == "request" else REPLY_COLOUR
     parts = [f"<B>{edge['order']}</B>"]
-    if edge["hooks"]:
-        parts.append(" " + _html(" · ".join(edge["hooks"])))
+    hooks = edge["hooks"]
+    for start in range(0, len(hooks), HOOKS_PER_LINE):
+        line = _html(" · ".join(hooks[start : start + HOOKS_PER_LINE]))
+        parts.append(f" {line}" if start == 0 else f"<BR/>{line}")
     label = "".join(parts)
     for nat in edge["nat"]:
         label += f'<BR/><FONT COLOR="{NAT_COLOUR}"><B>NAT</B> {_html(nat)}</FONT>'
@@ -698,9 +726,13 @@ def draw(
     """The trace drawn on its topology (hop-derived when *topology* is None)."""
     from tracer import render as text_render
 
-    trace = result if isinstance(result, TraceResult) else TraceResult.from_json(result)
+    live = isinstance(result, TraceResult)
+    trace = result if live else TraceResult.from_json(result)
     graph = build_graph(trace, topology)
-    graph.graph["outcome_text"] = text_render.outcome_line(trace).plain
+    # A saved trace lacks what the outcome line says of an unreachable one
+    # (send error, ICMP sender): the end marker says it instead.
+    if live or trace.outcome != "unreachable":
+        graph.graph["outcome_text"] = text_render.outcome_line(trace).plain
     return render(graph, fmt)
 
 
@@ -708,10 +740,11 @@ def write(
     result: TraceResult | dict[str, Any],
     path: str | Path,
     topology: Topology | None = None,
+    fmt: str | None = None,
 ) -> Path:
-    """Draw into *path*; the format is its suffix (.svg or .png)."""
+    """Draw into *path*, as *fmt* or else as its suffix says (.svg, .png)."""
     target = Path(path)
-    fmt = target.suffix.lower().lstrip(".")
+    fmt = fmt or target.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise UsageError(f"{target}: name the picture .svg or .png")
     picture = draw(result, topology, fmt)
@@ -729,3 +762,13 @@ def trace_namespaces(result: TraceResult | dict[str, Any]) -> list[str]:
     names = [data.get("probe", {}).get("src_netns")]
     names += [hop.get("netns") for hop in data.get("hops", [])]
     return [n for n in dict.fromkeys(names) if n]
+
+
+def save(
+    result: TraceResult, svg: str | Path | None = None, png: str | Path | None = None
+) -> None:
+    """Draw a live trace on the live topology of the namespaces it touched."""
+    topology = read_topology(trace_namespaces(result))
+    for path, fmt in ((svg, "svg"), (png, "png")):
+        if path:
+            write(result, path, topology, fmt)
