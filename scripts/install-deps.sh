@@ -40,6 +40,8 @@ need_file '/usr/lib/*/libnftables.so.1*' libnftables1
 need_command iptables iptables
 need_command ip iproute2
 need_command iperf3 iperf3
+# `make bench` compares nstrace ping with iputils ping over the same path.
+need_command ping iputils-ping
 want_command tcpdump tcpdump
 need_command make make
 

@@ -263,7 +263,10 @@ def watch(
             netns_inode=netns.inode_of(chosen.netns) if chosen.netns else 0,
         )
         decoder = Decoder(netns.names_by_inode())
-        log.info("watching %s", chosen.describe())
+        # Said once the probes are in place, so that a script (`make bench`,
+        # the tests) can wait for this line before making traffic.
+        print(f"watching {chosen.describe()}; Ctrl-C to stop", file=sys.stderr)
+        sys.stderr.flush()
         started = time.monotonic()
         with _stop_signals() as wakeup:
             _loop(probes, decoder, printer, wakeup, started, duration_s)
@@ -341,7 +344,5 @@ def _loop(
 def main(args: argparse.Namespace) -> int:
     """The `nstrace watch` command."""
     chosen = parse_filter(args.netns, args.host, args.proto, args.port)
-    if not args.json:
-        print(f"watching {chosen.describe()}; Ctrl-C to stop", file=sys.stderr)
     watch(chosen, as_json=args.json, duration_s=args.duration)
     return 0
