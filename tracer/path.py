@@ -736,6 +736,8 @@ def assemble(
         ):
             record = _drop_record(steps, i)
             record["rule"] = _drop_rule(steps, i, attached)
+            if record["rule"] is not None:
+                hop["rule"] = copy.deepcopy(record["rule"])
             hop["event"], hop["hook"] = "drop", record["hook"]
             if drop is None:
                 drop, drop_t = record, step.event.t_ns

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 DROP_STYLE = "bold red"
 NAT_STYLE = "yellow"
 BENIGN_STYLE = "dim"
+RULE_STYLE = "green"
 OUTCOME_STYLES = {
     "reply": "bold green",
     "dropped": "bold red",
@@ -148,7 +149,9 @@ def _tree(result: TraceResult, hops: list[dict[str, Any]] | None = None) -> Tree
             key = (hop["dir"], hop["netns"])
             group = tree.add(Text(f"{hop['dir']} · {hop['netns']}", style="bold"))
         assert group is not None
-        group.add(hop_line(hop))
+        node = group.add(hop_line(hop))
+        if hop.get("rule"):
+            node.add(rule_line(hop["rule"]))
     if not result.hops:
         tree.add(Text("no events seen", style=BENIGN_STYLE))
     return tree
@@ -162,6 +165,18 @@ def hop_line(hop: dict[str, Any]) -> Text:
     if kind == "drop":
         return Text(f"{'DROP':<{EVENT_WIDTH}} ", style=DROP_STYLE) + body
     return Text(f"{kind:<{EVENT_WIDTH}} ") + body
+
+
+def rule_line(rule: dict[str, Any]) -> Text:
+    """The netfilter rule (or chain policy) that decided a hop, and its text."""
+    verdict = rule.get("verdict") or "?"
+    where = f"{rule.get('family')} {rule.get('table')} {rule.get('chain')}"
+    if rule.get("policy"):
+        where += " policy"
+    style = DROP_STYLE if verdict == "drop" else RULE_STYLE
+    return Text(f"{verdict:<{EVENT_WIDTH}} ", style=style) + Text(
+        f"{where}: {rule.get('text') or '?'}"
+    )
 
 
 def _addresses(hop: dict[str, Any]) -> str:
@@ -301,6 +316,14 @@ def _dropped_text(drop: dict[str, Any]) -> str:
         place += f" at {drop['hook']}"
     elif drop.get("dev"):
         place += f" on {drop['dev']}"
+    rule = drop.get("rule")
+    if rule:
+        # The rule names the cause better than the reason (NETFILTER_DROP).
+        by = "policy" if rule.get("policy") else "rule"
+        return (
+            f"dropped {place}, {drop['dir']} direction, "
+            f"by {rule.get('table')} {rule.get('chain')} {by}"
+        )
     return f"dropped {place} ({drop.get('reason') or 'no reason'}), {drop['dir']} direction"
 
 

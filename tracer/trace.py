@@ -198,7 +198,9 @@ def _trace(request: PingRequest, probes: Probes) -> TraceResult:
         started = time.perf_counter()
         got = collect(probes, decoder, injector, request.timeout_s, is_drop)
         request.timings["collect_ms"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
         crossings = rule_tracer.crossings() if rule_tracer else []
+        request.timings["rules_read_ms"] = (time.perf_counter() - started) * 1000
     finally:
         injector.close()
         if rule_tracer is not None:
