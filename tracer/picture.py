@@ -7,12 +7,13 @@ Three stages, each a function of its own, so that a saved JSON trace draws
 the same picture as a live one:
 
 1. **Topology** (:class:`Topology`). Devices per namespace, veth peers and
-   bridge ports. Read live with `ip -j -d addr show` in the namespaces the
-   trace touched, following veth peers into their namespaces (so that RED's
-   trace to 8.8.8.8 also shows BLUE and the laptop hanging off the host), or
-   rebuilt from its JSON form. A trace without a topology still draws: its
-   devices come from the hops, and a wire is assumed between two devices of
-   different namespaces that the packet went straight between.
+   bridge ports: from tracer.snapshot's graph when drawing live (the trace's
+   namespaces, plus the whole lab when one is up, so that RED's trace to
+   8.8.8.8 also shows BLUE and the laptop hanging off the host), from the
+   ``snapshot`` summary of a saved trace, or from its JSON form. A trace
+   without any still draws: its devices come from the hops, and a wire is
+   assumed between two devices of different namespaces that the packet went
+   straight between.
 
 2. **Graph** (:func:`build_graph`). One networkx ``MultiDiGraph``: a node per
    device, plus a ``local`` node for a namespace's own stack where the packet
@@ -36,7 +37,6 @@ the same picture as a live one:
 from __future__ import annotations
 
 import html
-import json
 import logging
 import shutil
 import subprocess
@@ -47,7 +47,6 @@ from typing import Any
 
 import networkx as nx
 
-from tracer import netns as netns_module
 from tracer.errors import CannotTraceError, UsageError
 from tracer.path import ROUTE_ERRORS, TraceResult
 
@@ -64,7 +63,6 @@ NAT_COLOUR = "#8a6300"
 WIRE_COLOUR = "#a0a0a0"
 FONT = "DejaVu Sans,Helvetica,Arial,sans-serif"
 
-MAX_NAMESPACES = 32  # following veth peers stops here, whatever the lab
 DOT_TIMEOUT = 30.0  # seconds; the tutorial's lab lays out in about 50 ms
 FORMATS = ("svg", "png")
 HOOKS_PER_LINE = 2  # a bridged frame crosses five hooks: wrap, not widen
@@ -122,105 +120,86 @@ class Topology:
 
 
 def read_topology(namespaces: Iterable[str]) -> Topology:
-    """The live topology of *namespaces* and of every namespace their veths reach.
+    """The live topology of *namespaces*, and of the whole lab if one is up.
 
-    Namespaces are names from `ip netns list`, or `root`. One that cannot be
-    read (gone, unnamed) is logged and left out: a picture with a gap beats
-    no picture.
+    Read by tracer.snapshot, whose graph already joins veth peers and bridge
+    ports. The lab's namespaces are added so that RED's trace to 8.8.8.8
+    also shows BLUE and the laptop hanging off the host; a namespace that
+    cannot be read is logged there and left out.
     """
-    topology = Topology()
-    names: dict[tuple[str, int], str] = {}  # (netns, ifindex) -> ifname
-    peers: dict[int, tuple[str, int]] = {}  # id(device) -> (netns, ifindex)
-    todo = list(dict.fromkeys(namespaces))
-    while todo and len(topology.namespaces) < MAX_NAMESPACES:
-        ns = todo.pop(0)
-        links = (
-            None if ns in topology.namespaces else _ip_json(ns, "-d", "addr", "show")
-        )
-        if links is None:
-            continue
-        topology.namespaces.append(ns)
-        names_by_nsid = (
-            _nsid_names(ns) if any("link_netnsid" in link for link in links) else {}
-        )
-        for link in links:
-            names[(ns, link["ifindex"])] = link["ifname"]
-            device = _device(ns, link)
-            if device is None:
-                continue
-            topology.devices.append(device)
-            peer = _peer_of(ns, link, names_by_nsid)
-            if peer:
-                peers[id(device)] = peer
-                todo.append(peer[0])
-    # Peers are known by ifindex until their namespace has been read.
-    for device in topology.devices:
-        peer = peers.get(id(device))
-        if peer and peer in names:
-            device.peer = (peer[0], names[peer])
+    from tracer import lab, snapshot
+
+    names = list(dict.fromkeys(namespaces))
+    state = lab.current()
+    if state and set(names) & set(state.namespaces):
+        names += [ns for ns in state.namespaces if ns not in names]
+    return topology_from_snapshot(snapshot.take(names))
+
+
+def topology_from_snapshot(snap: Any) -> Topology:
+    """A :class:`~tracer.snapshot.Snapshot` as the picture's topology."""
+    topology = Topology(
+        namespaces=[n for n, s in snap.namespaces.items() if not s.error]
+    )
+    for name in topology.namespaces:
+        state = snap.namespaces[name]
+        for link in state.links.values():
+            addresses = [
+                f"{a.addr}/{a.prefixlen}"
+                for a in state.addresses
+                if a.dev == link.name and not a.addr.startswith("127.")
+            ]
+            device = _device(name, link.name, link.kind, addresses, link.admin_up)
+            if device:
+                device.master = link.master
+                device.peer = link.peer
+                topology.devices.append(device)
     return topology
 
 
-def _ip_json(ns: str, *args: str) -> list[dict[str, Any]] | None:
-    argv = ["ip", "-j", *args]
-    if ns != netns_module.ROOT:
-        argv[1:1] = ["-n", ns]
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.warning("cannot read namespace %s: %s", ns, err)
+def topology_from_summary(summary: dict[str, Any]) -> Topology | None:
+    """The topology in a saved trace's ``snapshot`` summary, if it has links."""
+    spaces = (summary or {}).get("namespaces") or {}
+    if not any(isinstance(s, dict) and s.get("links") for s in spaces.values()):
         return None
-    if done.returncode != 0:
-        log.warning("cannot read namespace %s: %s", ns, done.stderr.strip())
-        return None
-    return json.loads(done.stdout or "[]")
+    topology = Topology()
+    for name, state in spaces.items():
+        if state.get("error"):
+            continue
+        topology.namespaces.append(name)
+        on: dict[str, list[str]] = {}
+        for text in state.get("addresses", []):
+            address, _, dev = text.partition(" dev ")
+            if not address.startswith("127."):
+                on.setdefault(dev, []).append(address)
+        for dev, link in state.get("links", {}).items():
+            device = _device(
+                name, dev, link.get("kind"), on.get(dev, []), link.get("up")
+            )
+            if device:
+                device.master = link.get("master")
+                peer_name, _, peer_ns = (link.get("peer") or "").rpartition("@")
+                device.peer = (peer_ns, peer_name) if peer_name else None
+                topology.devices.append(device)
+    return topology
 
 
-def _nsid_names(ns: str) -> dict[int, str]:
-    """Names of the namespaces that *ns* knows by netns id (`ip netns list-id`)."""
-    ids = _ip_json(ns, "netns", "list-id") or []
-    return {item["nsid"]: item["name"] for item in ids if item.get("name")}
-
-
-def _device(ns: str, link: dict[str, Any]) -> Device | None:
-    info = link.get("linkinfo") or {}
-    kind = info.get("info_kind") or link.get("link_type") or "device"
-    addresses = [
-        f"{a['local']}/{a['prefixlen']}"
-        for a in link.get("addr_info", [])
-        if "local" in a and a.get("scope") not in ("link", "host")
-    ]
+def _device(
+    ns: str, name: str, kind: str | None, addresses: list[str], up: bool | None
+) -> Device | None:
     # lo is in every namespace; it earns a place only by owning an address
     # that matters (the lab's internet owns 8.8.8.8 on lo).
     if kind == "loopback" and not addresses:
         return None
     return Device(
         netns=ns,
-        name=link["ifname"],
-        kind=kind,
+        name=name,
+        kind=kind or "device",
         addresses=addresses,
         # Administrative state: a veth's operstate can read DOWN while it
-        # carries traffic (seen on eth0 in the lab, kernel 6.18).
-        state="UP" if "UP" in link.get("flags", []) else "DOWN",
-        master=link.get("master"),
+        # carries traffic (seen on the lab's eth0, kernel 6.18).
+        state="UP" if up else "DOWN",
     )
-
-
-def _peer_of(
-    ns: str, link: dict[str, Any], names_by_nsid: dict[int, str]
-) -> tuple[str, int] | None:
-    """(netns, ifindex) of a veth's peer, when its namespace has a name."""
-    kind = (link.get("linkinfo") or {}).get("info_kind")
-    if kind != "veth" or not link.get("link_index"):
-        return None
-    nsid = link.get("link_netnsid")
-    if nsid is None:
-        return (ns, link["link_index"])
-    if nsid in names_by_nsid:
-        return (names_by_nsid[nsid], link["link_index"])
-    return None  # an unnamed namespace (a container's): not followed
 
 
 def topology_from_hops(result: dict[str, Any]) -> Topology:
@@ -379,7 +358,11 @@ def build_graph(
 ) -> nx.MultiDiGraph:
     """The topology and the trace's path as one graph (see the top)."""
     data = result.to_json() if isinstance(result, TraceResult) else result
-    topology = topology or topology_from_hops(data)
+    topology = (
+        topology
+        or topology_from_summary(data.get("snapshot") or {})
+        or topology_from_hops(data)
+    )
     graph = nx.MultiDiGraph(title=_title(data), outcome=data.get("outcome"))
     for ns in topology.namespaces:
         graph.graph.setdefault("namespaces", []).append(ns)
