@@ -1,0 +1,177 @@
+"""Rule attribution on the tutorial's lab, through the real `nstrace ping`.
+
+Each test moves the shared lab to a step, runs the command with real eBPF,
+nftables trace tables and iptables-nft rules, and checks the JSON: the rule
+or policy behind the drop, the accepting rule on the hook it let through,
+the bridge family's hooks, and that nstrace's own tables are gone once the
+command has ended, however it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+ACCEPT_SOURCES = "-A FORWARD -s 11.11.11.0/24 -j ACCEPT"
+NOBODY = "11.11.11.99"  # in RED's subnet, owned by no one: ARP never answers
+
+
+def nstrace(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tracer.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def ping_json(src: str, dst: str) -> dict[str, Any]:
+    done = nstrace("ping", src, dst, "--json")
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout)
+
+
+def hook_hops(result: dict[str, Any], netns: str, hook: str, direction: str) -> list:
+    return [
+        hop
+        for hop in result["hops"]
+        if (hop["event"], hop["netns"], hop["hook"], hop["dir"])
+        == ("hook", netns, hook, direction)
+    ]
+
+
+def own_tables(lab) -> dict[str, list[str]]:
+    """nstrace's tables left in each namespace of the lab."""
+    left = {}
+    for ns in lab.scenario.namespaces:
+        listed = lab.run(ns, ["nft", "list", "tables"]).stdout.split("\n")
+        left[ns] = [line for line in listed if "nstrace_" in line]
+    return {ns: tables for ns, tables in left.items() if tables}
+
+
+def test_step0_bridged_frames_show_the_bridge_hooks(lab):
+    lab.goto(0)
+    result = ping_json("RED", "11.11.11.3")
+    assert result["outcome"] == "reply"
+    bridge = [
+        (hit["netns"], hit["hook"], hit["dir"])
+        for hit in result["hooks_hit"]
+        if hit["family"] == "bridge"
+    ]
+    for direction in ("request", "reply"):
+        assert [hook for ns, hook, d in bridge if ns == "host" and d == direction] == [
+            "PREROUTING",
+            "FORWARD",
+            "POSTROUTING",
+        ]
+    # br_netfilter hands the same frames to the host's FORWARD chain.
+    (forward,) = hook_hops(result, "host", "FORWARD", "request")
+    assert forward["rule"]["text"] == ACCEPT_SOURCES
+    assert own_tables(lab) == {}
+
+
+def test_step6_reply_dropped_by_the_forward_policy(lab):
+    lab.goto(6)
+    result = ping_json("RED", "8.8.8.8")
+    assert result["outcome"] == "dropped"
+    drop = result["drop"]
+    assert (drop["netns"], drop["hook"], drop["dir"]) == ("host", "FORWARD", "reply")
+    assert drop["rule"] == {
+        "family": "ip",
+        "table": "filter",
+        "chain": "FORWARD",
+        "policy": True,
+        "verdict": "drop",
+        "text": "-P FORWARD DROP",
+    }
+    # The request went through FORWARD on the tutorial's first rule.
+    (forward,) = hook_hops(result, "host", "FORWARD", "request")
+    assert forward["rule"] == {
+        "family": "ip",
+        "table": "filter",
+        "chain": "FORWARD",
+        "policy": False,
+        "verdict": "accept",
+        "text": ACCEPT_SOURCES,
+    }
+    (masquerade,) = hook_hops(result, "host", "POSTROUTING", "request")
+    assert masquerade["rule"]["table"] == "nat"
+    assert "MASQUERADE" in masquerade["rule"]["text"]
+    assert own_tables(lab) == {}
+
+
+def test_step6_text_names_the_policy(lab):
+    lab.goto(6)
+    done = nstrace("ping", "RED", "8.8.8.8")
+    assert done.returncode == 1
+    assert "ip filter FORWARD policy: -P FORWARD DROP" in done.stdout
+    assert f"ip filter FORWARD: {ACCEPT_SOURCES}" in done.stdout
+
+
+def test_step6_rule_drop_names_the_rule(lab):
+    lab.goto(6)
+    rule = ["-d", "11.11.11.0/24", "-j", "DROP"]
+    lab.run("host", ["iptables", "-A", "FORWARD", *rule])
+    try:
+        result = ping_json("RED", "8.8.8.8")
+    finally:
+        lab.run("host", ["iptables", "-D", "FORWARD", *rule])
+    assert result["outcome"] == "dropped"
+    assert result["drop"]["hook"] == "FORWARD"
+    assert result["drop"]["rule"] == {
+        "family": "ip",
+        "table": "filter",
+        "chain": "FORWARD",
+        "policy": False,
+        "verdict": "drop",
+        "text": "-A FORWARD -d 11.11.11.0/24 -j DROP",
+    }
+
+
+def test_step7_accepting_rules_both_ways(lab):
+    lab.goto(7)
+    result = ping_json("RED", "8.8.8.8")
+    assert result["outcome"] == "reply"
+    assert result["drop"] is None
+    (request,) = hook_hops(result, "host", "FORWARD", "request")
+    (reply,) = hook_hops(result, "host", "FORWARD", "reply")
+    assert (request["rule"]["text"], request["rule"]["verdict"]) == (
+        ACCEPT_SOURCES,
+        "accept",
+    )
+    assert reply["rule"]["text"] == "-A FORWARD -d 11.11.11.0/24 -j ACCEPT"
+    assert own_tables(lab) == {}
+
+
+def test_no_table_left_after_kill_9(lab):
+    lab.goto(7)
+    command = [sys.executable, "-m", "tracer.cli", "ping", "RED", NOBODY]
+    process = subprocess.Popen(
+        [*command, "--timeout", "5"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not own_tables(lab) and time.monotonic() < deadline:
+            assert process.poll() is None, "nstrace ended before its tables appeared"
+            time.sleep(0.02)
+        assert own_tables(lab), "nstrace's tables never appeared"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == -9
+    # The kernel removes an owner table when its netlink socket is released,
+    # which happens as the killed process's files are closed.
+    deadline = time.monotonic() + 5
+    while own_tables(lab) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert own_tables(lab) == {}
