@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tracer.errors import UsageError
-from tracer.path import TraceResult
+from tracer.path import SCHEMA, TraceResult
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,11 @@ def load_result(path: str | Path) -> TraceResult:
         ) from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: not an nstrace result (expected a JSON object)")
+    if data.get("schema") != SCHEMA:
+        raise UsageError(
+            f"{path}: trace has schema {data.get('schema')!r}, this nstrace reads "
+            f"schema {SCHEMA} (record it again with `nstrace ping ... --json`)"
+        )
     problem = _shape_problem(data)
     if problem:
         raise UsageError(

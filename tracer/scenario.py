@@ -127,6 +127,23 @@ class Scenario:
         return self.steps[number]
 
 
+def command(chosen: Scenario, netns_name: str, text: str) -> Command:
+    """A command for one of *chosen*'s namespaces, checked as a scenario's are.
+
+    For graders and tests that change a lab beyond its steps (the pytest
+    plugin's ``nslab.run``): the same programs and the same limits apply.
+    """
+    checker = _Checker(chosen.path)
+    checker.namespaces = chosen.namespaces
+    entry = _LineDict({netns_name: text})
+    entry.line, entry.key_lines = None, {}
+    try:
+        return checker.command(entry, entry, "command")
+    except UsageError as exc:
+        # Not a file's line: drop the "path:" the checker put in front.
+        raise UsageError(str(exc).removeprefix(f"{chosen.path}: ")) from None
+
+
 def default_scenario() -> Scenario:
     """The tutorial of LAB.md, which the demo and the tests use."""
     return load(DEFAULT)
