@@ -121,6 +121,7 @@ def lib() -> ctypes.CDLL:
         "ring_buffer__free": (None, [p]),
         "libbpf_num_possible_cpus": (i, []),
         "libbpf_set_print": (p, [_PRINT_FN]),
+        "libbpf_strerror": (i, [i, ctypes.c_char_p, ctypes.c_size_t]),
     }
     for name, (restype, argtypes) in sigs.items():
         func = getattr(bpf, name)
@@ -129,6 +130,14 @@ def lib() -> ctypes.CDLL:
     bpf.libbpf_set_print(_libbpf_print)
     _lib = bpf
     return bpf
+
+
+def _strerror(err: int) -> str:
+    """libbpf's text for *err*: errno, or its own codes from 4000 (libbpf.h)."""
+    buf = ctypes.create_string_buffer(128)
+    if lib().libbpf_strerror(err, buf, len(buf)) == 0:
+        return buf.value.decode(errors="replace")
+    return os.strerror(err)
 
 
 def _check_ptr(ptr: int | None, what: str) -> int:
@@ -210,9 +219,15 @@ class BpfObject:
                 f"BPF object {path} is missing; build it with `make probes`"
             )
         self.path = path
-        self.ptr = _check_ptr(
-            lib().bpf_object__open_file(path.encode(), None), f"open {path}"
-        )
+        with quiet():  # libbpf's own lines would come before nstrace's one
+            ptr = lib().bpf_object__open_file(path.encode(), None)
+        if not ptr:
+            err = ctypes.get_errno() or errno.EINVAL
+            raise CannotTraceError(
+                f"BPF object {path} cannot be opened ({_strerror(err)}); "
+                "rebuild it with `make probes`"
+            )
+        self.ptr = ptr
         self.links: list[int] = []
         self.link_fds: list[int] = []
         self.programs: dict[str, Program] = {}
