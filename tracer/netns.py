@@ -96,9 +96,11 @@ def names_by_inode() -> dict[int, str]:
             table[os.stat(os.path.join(NETNS_RUN_DIR, name)).st_ino] = name
         except OSError:
             continue
+    # A registered name is the one the user typed: it wins over another name
+    # for the same namespace.
     for name, path in _REGISTERED.items():
         try:
-            table.setdefault(os.stat(path).st_ino, name)
+            table[os.stat(path).st_ino] = name
         except OSError:
             continue
     table.setdefault(os.stat(ROOT_PATH).st_ino, ROOT)

@@ -131,9 +131,12 @@ def namespaces_in_play(request: PingRequest) -> list[str]:
     names = netns.list_named()
     if netns.ROOT in (request.src_netns, request.dst_netns):
         names.append(netns.ROOT)
-    # A container is in play when it is an endpoint (see tracer/docker.py).
+    # A container is in play when it is an endpoint (see tracer/docker.py),
+    # unless its namespace is listed already under another name: a second
+    # netfilter link at the same hook and priority is refused (EBUSY).
+    listed = {netns.inode_of(name) for name in names if netns.exists(name)}
     for ns in (request.src_netns, request.dst_netns):
-        if ns and ns not in names:
+        if ns and ns not in names and netns.inode_of(ns) not in listed:
             names.append(ns)
     return names
 
