@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 DROP_STYLE = "bold red"
 NAT_STYLE = "yellow"
 BENIGN_STYLE = "dim"
+CAUSE_STYLE = "bold"
+FIX_STYLE = "bold cyan"
 RULE_STYLE = "green"
 OUTCOME_STYLES = {
     "reply": "bold green",
@@ -82,6 +84,8 @@ def render_text(result: TraceResult, console: Console, full: bool = False) -> No
             )
         )
     console.print(outcome_line(result))
+    for line in cause_lines(result):
+        console.print(line)
     if result.lost_events > 0:
         console.print(
             Text(
@@ -290,6 +294,28 @@ _DESCRIBE = {
 def outcome_line(result: TraceResult) -> Text:
     """The verdict in one line: "reply in 0.4 ms", "dropped in host at..."."""
     return Text(_outcome_text(result), style=OUTCOME_STYLES[result.outcome])
+
+
+def cause_lines(result: TraceResult) -> list[Text]:
+    """The causes after the outcome: the first as "cause:", the others "also:".
+
+    Each is its summary, its evidence indented, and the fix as a command
+    with the namespace to run it in as a shell comment, so that it can be
+    pasted as it is.
+    """
+    lines = []
+    for index, cause in enumerate(result.causes):
+        label = "cause" if index == 0 else "also"
+        lines.append(Text(f"{label}: {cause['summary']}", style=CAUSE_STYLE))
+        lines.extend(Text(f"  {item}") for item in cause.get("evidence", []))
+        if cause.get("fix"):
+            lines.append(
+                Text(f"fix: {cause['fix']}", style=FIX_STYLE)
+                + Text(f"  # in {cause['netns']}", style=BENIGN_STYLE)
+            )
+        else:
+            lines.append(Text("fix: none that nstrace can derive; see above"))
+    return lines
 
 
 def _outcome_text(result: TraceResult) -> str:

@@ -15,10 +15,11 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from tracer import docker, netns
+from tracer import docker, netns, snapshot
 from tracer.collect import collect
 from tracer.errors import UsageError
 from tracer.events import FREE, Event
+from tracer.explain import explain
 from tracer.inject import make_probe
 from tracer.path import (
     Probe,
@@ -149,15 +150,26 @@ def ping(request: PingRequest, probes: Probes | None = None) -> TraceResult:
     probes = probes or Probes()
     try:
         timings["attach_ms"] = (time.perf_counter() - started) * 1000
-        probes.link_netfilter(namespaces_in_play(request))
+        names = namespaces_in_play(request)
+        probes.link_netfilter(names)
         timings["link_ms"] = (time.perf_counter() - started) * 1000 - timings[
             "attach_ms"
         ]
-        return _trace(request, probes)
+        # Before the probe, and before nstrace's own nftables tables exist.
+        snap = snapshot.take(names)
+        timings["snapshot_ms"] = snap.taken_ms
+        return explained(_trace(request, probes), snap)
     finally:
         probes.disable()
         if own:
             probes.close()
+
+
+def explained(result: TraceResult, snap: snapshot.Snapshot) -> TraceResult:
+    """*result* with its causes and the snapshot's summary filled in."""
+    result.causes = explain(result, snap)
+    result.snapshot = snap.summary()
+    return result
 
 
 def _trace(request: PingRequest, probes: Probes) -> TraceResult:

@@ -98,7 +98,10 @@ def test_text_output_ends_with_the_verdict(lab):
     assert done.returncode == 1
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("RED -> 8.8.8.8")
-    assert "FORWARD" in lines[-1] and "dropped" in lines[-1]
+    # The verdict, then the cause, its evidence and the fix (tests/explain).
+    verdict = next(line for line in lines if line.startswith("dropped"))
+    assert "FORWARD" in verdict
+    assert lines[-1].startswith("fix: iptables -t filter -A FORWARD")
 
 
 def test_unknown_namespace_is_a_one_line_error():
