@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--keep", action="store_true", help="leave the lab up at the last step"
     )
+    run.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write DIR/index.html: every step's commands, pictures before "
+        "and after, changes and explanation (offline, no network assets)",
+    )
     lab_commands.add_parser("down", help="remove everything the lab made")
     status = lab_commands.add_parser(
         "status", help="show the lab's namespaces and step"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from rich.console import Console
 from rich.rule import Rule
@@ -102,8 +103,13 @@ def lab_run(args: argparse.Namespace) -> int:
     runs = []
     walk = check.walk(chosen, args.timeout, on_step=None if args.json else (
         lambda step: _show_step(console, step)), keep=args.keep)
+    from tracer import report
+
+    collector = report.Collector(chosen) if args.report else None
     for run in walk:
         runs.append(run)
+        if collector:
+            collector.add(run)  # now, while the lab stands at the run's step
         if args.json:
             continue
         console.print(f"$ nstrace ping {run.probe.src} {run.probe.dst}",
@@ -119,6 +125,9 @@ def lab_run(args: argparse.Namespace) -> int:
         console.print()
     if args.json:
         print(json.dumps([_run_json(run) for run in runs], indent=2))
+    if collector:
+        index = collector.write(args.report)
+        print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 0 if runs and all(run.held for run in runs) else 1
 
 

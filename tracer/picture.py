@@ -26,8 +26,9 @@ the same picture as a live one:
 
 3. **Drawing** (:func:`to_dot`, :func:`render`). Graphviz `dot` lays out the
    graph left to right, one cluster per namespace. Only topology edges steer
-   the layout (path arrows have ``constraint=false``), so the pictures of one
-   lab before and after a change line up and differ only by their arrows.
+   the ranks (path arrows have ``constraint=false``), so the pictures of one
+   lab before and after a change put its devices in the same order; only
+   the room the arrows' labels take moves them apart.
    Ports sit left of their bridge; a namespace hanging off a bridge port sits
    left of it, one reached through a routed interface sits right of it: the
    tutorial's own drawing, with RED and BLUE left, br0, the host, and the
