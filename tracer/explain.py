@@ -210,9 +210,14 @@ def _gateway_for(ctx: _Context, netns: str, target: str) -> tuple[str, str, str]
             for candidate in other.addresses_on(node[1]):
                 if ipaddress.ip_address(candidate.addr) not in address.network:
                     continue
-                reaches = other.owns(target) or other.lookup(target)
-                score = 2 * other.forwarding(node[1]) + bool(reaches)
-                if score and (best is None or score > best[0]):
+                # A namespace that does not forward is a gateway only to
+                # its own addresses.
+                owns = other.owns(target) is not None
+                forwards = other.forwarding(node[1])
+                if not (owns or forwards):
+                    continue
+                score = 2 * forwards + bool(owns or other.lookup(target))
+                if best is None or score > best[0]:
                     best = (score, (candidate.addr, node[0], node[1]))
     return best[1] if best else None
 
