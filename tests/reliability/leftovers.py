@@ -71,18 +71,24 @@ def existing_ids() -> dict[str, set[int]]:
 
 
 def nstrace_tables() -> dict[str, list[str]]:
-    """nftables tables whose name starts with nstrace, by namespace."""
+    """nftables tables whose name starts with nstrace, by namespace.
+
+    Text, not `nft -j`: nft 1.0.6 (Debian 12) prints `"flags": ` with no value
+    for a table with the owner flag, which is not JSON.
+    """
     found = {}
     for ns in [*netns.list_named(), netns.ROOT]:
-        argv = ["nft", "-j", "list", "tables"]
+        argv = ["nft", "list", "tables"]
         if ns != netns.ROOT:
             argv = ["ip", "netns", "exec", ns, *argv]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        items = json.loads(done.stdout or '{"nftables": []}')["nftables"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        # Lines read `table FAMILY NAME`.
         names = [
-            f"{item['table']['family']} {item['table']['name']}"
-            for item in items
-            if "table" in item and item["table"]["name"].startswith("nstrace")
+            " ".join(words[1:])
+            for words in map(str.split, done.stdout.splitlines())
+            if len(words) == 3
+            and words[0] == "table"
+            and words[2].startswith("nstrace")
         ]
         if names:
             found[ns] = names
