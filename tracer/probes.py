@@ -16,6 +16,7 @@ entered that namespace (tracer.netns.run_in).
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PRIORITY_FIRST = -(2**31) + 1
 PRIORITY_LAST = 2**31 - 2
+PRIORITY_TRIES = 64  # priorities tried inward from each edge when one is taken
 
 TRACEPOINTS = (
     "on_receive", "on_transmit", "on_free", "on_consume", "on_route", "on_neigh"
@@ -158,6 +160,27 @@ class Decoder:
             event.sport, event.dport = sport, dport
 
 
+def _link_at_free_priority(prog_fd: int, hooknum: int, priority: int,
+                           inward: int) -> int:
+    """Link at *priority*, or the nearest free one towards the middle.
+
+    Two BPF netfilter programs may not share a hook's priority: the kernel
+    refuses the second with EBUSY (nf_hook_entries_grow, net/netfilter/core.c,
+    since BPF netfilter links in 6.4). A second nstrace tracing the same
+    namespace at the same time, or another tool, takes the next one.
+    """
+    for step in range(PRIORITY_TRIES):
+        try:
+            return bpf.netfilter_link(prog_fd, hooknum, priority + inward * step)
+        except bpf.BpfError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+    raise CannotTraceError(
+        f"{PRIORITY_TRIES} BPF netfilter programs already sit at the edge of hook "
+        f"{HOOKS[hooknum]}; stop other tracers (see `bpftool link list`)"
+    )
+
+
 class Probes:
     """nstrace's BPF object, loaded and attached; close() detaches everything."""
 
@@ -242,7 +265,9 @@ class Probes:
         try:
             for hooknum in range(len(HOOKS)):
                 for name, priority in NETFILTER.items():
-                    made.append(bpf.netfilter_link(fds[name], hooknum, priority))
+                    inward = 1 if priority < 0 else -1
+                    made.append(_link_at_free_priority(fds[name], hooknum, priority,
+                                                       inward))
         except BaseException:
             for fd in made:
                 os.close(fd)
