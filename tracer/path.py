@@ -728,6 +728,7 @@ def assemble(
     hops, nat, hooks_hit = [], [], []
     drop: dict[str, Any] | None = None
     drop_t: int | None = None
+    drop_quotes = False
     for i, step in enumerate(steps):
         hop = _hop(step)
         _add_rules(hop, attached.get(id(step)))
@@ -739,8 +740,14 @@ def assemble(
             if record["rule"] is not None:
                 hop["rule"] = copy.deepcopy(record["rule"])
             hop["event"], hop["hook"] = "drop", record["hook"]
-            if drop is None:
-                drop, drop_t = record, step.event.t_ns
+            # An ICMP error the kernel made about the probe (host unreachable
+            # after a failed ARP) may be freed just before the probe itself
+            # is: the probe's own drop is where it died.
+            quoting = step.event.icmp_type in ev.ICMP_ERRORS and (
+                step.event.proto == ev.IPPROTO_ICMP
+            )
+            if drop is None or (drop_quotes and not quoting):
+                drop, drop_t, drop_quotes = record, step.event.t_ns, quoting
         hops.append(hop)
         nat.extend(_nat_entries(step))
         hit = _hook_hit(step)

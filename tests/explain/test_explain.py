@@ -252,3 +252,72 @@ def test_render_prints_cause_evidence_and_fix_after_the_outcome():
     at = next(i for i, line in enumerate(lines) if line.startswith("cause: "))
     assert lines[at - 1].startswith("unreachable")
     assert lines[-1] == "fix: ip route add default via 11.11.11.1  # in RED"
+
+
+def test_the_probes_own_drop_wins_over_the_icmp_error_about_it():
+    # A failed ARP: the kernel makes a host unreachable error for the probe
+    # (freed on a down lo) just before it frees the probe itself.
+    from tracer import events as ev
+    from tracer.events import Event
+    from tracer.path import assemble
+
+    probe = Probe(src_netns="leaf", dst="10.5.0.9", ident=7)
+    request = {"proto": ev.IPPROTO_ICMP, "icmp_type": ev.ICMP_ECHO_REQUEST, "ident": 7}
+    error = {
+        "proto": ev.IPPROTO_ICMP,
+        "icmp_type": ev.ICMP_DEST_UNREACH,
+        "icmp_code": 1,
+    }
+    events = [
+        Event(
+            "hook",
+            1,
+            "leaf",
+            skb=1,
+            hook="POSTROUTING",
+            stage="first",
+            out_dev="e0",
+            src="10.5.0.2",
+            dst="10.5.0.9",
+            **request,
+        ),
+        Event(
+            "hook",
+            2,
+            "leaf",
+            skb=1,
+            hook="POSTROUTING",
+            stage="last",
+            out_dev="e0",
+            src="10.5.0.2",
+            dst="10.5.0.9",
+            **request,
+        ),
+        Event(
+            "free",
+            3,
+            "leaf",
+            skb=2,
+            dev="lo",
+            reason="QDISC_DROP",
+            src="10.5.0.2",
+            dst="10.5.0.2",
+            inner_src="10.5.0.2",
+            inner_dst="10.5.0.9",
+            **error,
+        ),
+        Event(
+            "free",
+            3,
+            "leaf",
+            skb=1,
+            dev="e0",
+            reason="NEIGH_FAILED",
+            src="10.5.0.2",
+            dst="10.5.0.9",
+            **request,
+        ),
+    ]
+    result = assemble(probe, events)
+    assert result.drop["reason"] == "NEIGH_FAILED"
+    assert (result.drop["dev"], result.drop["dir"]) == ("e0", "request")

@@ -261,7 +261,8 @@ CASES = (
         "no-listener",
         "cp-server",
         "nc -l -p 8080",
-        None,
+        # The SYN (or datagram) ends at the server's INPUT: no socket.
+        ("cp-server", "INPUT", "request"),
     ),
     Case(
         "closed-udp",
@@ -272,7 +273,8 @@ CASES = (
         "no-listener",
         "cp-server",
         "nc -u -l -p 5353",
-        None,
+        # The SYN (or datagram) ends at the server's INPUT: no socket.
+        ("cp-server", "INPUT", "request"),
     ),
 )
 
