@@ -614,18 +614,12 @@ def _layout_edges(graph: nx.MultiDiGraph) -> list[tuple[Any, Any, str]]:
             crossing.setdefault(u, "tail")
             crossing.setdefault(v, "head")
             out.append((u, v, f"{wire}, weight=3"))
-    bridges = {v for _, v, e in graph.edges(data=True) if e["kind"] == "port"}
-    for node in graph.nodes:
-        ns = node[0]
-        data = graph.nodes[node]
-        device = data.get("device")
-        if device and device.kind == "bridge":
-            bridges.add(node)
-        if data.get("local"):
-            for dev, role in crossing.items():
-                if dev[0] == ns:
-                    pair = (node, dev) if role == "tail" else (dev, node)
-                    out.append((*pair, "style=invis, weight=1"))
+    bridges = {
+        node
+        for node, data in graph.nodes(data=True)
+        if "device" in data and data["device"].kind == "bridge"
+    }
+    bridges |= {v for _, v, e in graph.edges(data=True) if e["kind"] == "port"}
     for bridge in bridges:
         for dev in crossing:
             if dev[0] == bridge[0] and dev not in ports and dev != bridge:
@@ -637,10 +631,12 @@ def _layout_edges(graph: nx.MultiDiGraph) -> list[tuple[Any, Any, str]]:
 def _place_loose(
     graph: nx.MultiDiGraph, crossing: dict[tuple[str, str], str], wired: set
 ) -> list[tuple[Any, Any, str]]:
-    """Devices without wires (lo with 8.8.8.8) beside their namespace's wires."""
+    """Nodes without wires (a namespace's local stack, lo with 8.8.8.8) on the
+    outer side of their namespace: left of a wire that leaves it rightwards,
+    right of one that comes in from the left."""
     out = []
     for node, data in graph.nodes(data=True):
-        if "device" not in data or node in crossing or node in wired:
+        if "marker" in data or node in crossing or node in wired:
             continue
         for dev, role in crossing.items():
             if dev[0] == node[0]:
@@ -650,12 +646,16 @@ def _place_loose(
 
 
 def _same_rank(graph: nx.MultiDiGraph, ids: dict[Any, str], ns: str) -> list[str]:
-    """A drop or end marker sits beside the place where the packet stopped."""
-    lines = []
-    for u, v, edge in graph.edges(data=True):
-        if v[0] == ns == u[0] and v[1] in (DROP, END) and u[1] not in (DROP, END):
-            lines.append(f"    {{rank=same; {ids[u]}; {ids[v]}}}")
-    return lines[:1] if any(v[1] == DROP for v in graph.nodes if v[0] == ns) else lines
+    """A drop or end marker sits beside the first place that leads to it."""
+    beside: dict[Any, Any] = {}
+    for u, v in graph.edges():
+        if (
+            u[0] == v[0] == ns
+            and "marker" in graph.nodes[v]
+            and "marker" not in graph.nodes[u]
+        ):
+            beside.setdefault(v, u)
+    return [f"    {{rank=same; {ids[u]}; {ids[v]}}}" for v, u in beside.items()]
 
 
 def _orient(
