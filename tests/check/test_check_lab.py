@@ -111,4 +111,5 @@ def test_lab_run_tells_the_tutorial_by_its_traces():
     assert "now crosses host FORWARD reply" in step7
     assert "the reply now reaches RED" in step7
     assert "no longer dropped at host FORWARD" in step7
+    assert "cause gone: filter-drop in host" in step7
     assert lab.current() is None
