@@ -27,6 +27,7 @@ examples:
   nstrace ping RED 8.8.8.8 --json   the same as a JSON document (schema 1)
   nstrace ping host BLUE            a namespace name stands for its address
   nstrace ping RED 8.8.8.8 --proto tcp --port 80   a TCP SYN instead of an echo
+  nstrace ping RED 8.8.8.8 --svg path.svg   draw the path on the lab's topology
 
 exit codes: 0 reply, 1 no reply (dropped, unreachable, lost), 2 bad input
 """
