@@ -12,6 +12,7 @@ namespace the tests run in.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,19 @@ KINDS = ("prog", "link", "map")
 
 def nstrace_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tracer.cli", *args]
+
+
+def run(argv: list[str], env: dict[str, str] | None = None):
+    """Run *argv* to the end from the repository, with *env* added."""
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def start(*args: str) -> subprocess.Popen[str]:

@@ -8,14 +8,13 @@ takes it down first.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from reliability.leftovers import REPO, nstrace_argv
+from reliability.leftovers import nstrace_argv, run
 from tracer import lab as lab_module
 
 pytestmark = [pytest.mark.root]
@@ -114,18 +113,6 @@ SCENARIO_FILES = {
     "broken.yaml": "name: broken\nnamespaces: [A\n",
     "unknown.yaml": "name: x\nnamespaces: [A]\nbogus: 1\nsteps:\n  - step: 0\n",
 }
-
-
-def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-        env={**os.environ, **env},
-    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
