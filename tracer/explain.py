@@ -763,6 +763,19 @@ def _neigh_finding(ctx: _Context, i: int, hop: dict[str, Any]) -> Finding:
     netns, dev = hop["netns"], hop.get("dev") or "?"
     wanted, source = _asked(ctx, i, hop)
     asked = f"{netns} asked for {wanted} on {dev} (ARP) and no answer came"
+    return _unanswered(ctx, i, netns, dev, wanted, source, asked)
+
+
+def _unanswered(
+    ctx: _Context,
+    i: int,
+    netns: str,
+    dev: str,
+    wanted: str | None,
+    source: str | None,
+    asked: str,
+) -> Finding:
+    """Why *wanted* does not answer on *dev*, as far as the snapshot tells."""
     owner = ctx.snapshot.owner(wanted) if wanted else None
     if owner is None:
         return _nobody_has(ctx, i, netns, dev, wanted, asked)
@@ -879,18 +892,18 @@ def _owner_rp_filter(
 def _not_bridged(
     ctx: _Context, netns: str, dev: str, owner: Address
 ) -> tuple[str, str, str] | None:
-    """(port, its namespace, bridge) when the owner's peer is outside a bridge
-    that the asker's segment goes through."""
-    link = ctx.snapshot.link(owner.netns, owner.dev)
-    if link is None or link.peer is None:
-        return None
-    peer = ctx.snapshot.link(*link.peer)
-    if peer is None or peer.master:
-        return None
-    for ns_name, name in ctx.snapshot.segment(netns, dev):
-        candidate = ctx.snapshot.link(ns_name, name)
-        if candidate and candidate.kind == "bridge" and ns_name == peer.netns:
-            return peer.name, peer.netns, candidate.name
+    """(port, its namespace, bridge) when the veth peer of one end is outside
+    a bridge that the other end's segment goes through."""
+    ends = ((owner.netns, owner.dev), (netns, dev))
+    for near, far in (ends, ends[::-1]):
+        link = ctx.snapshot.link(*near)
+        peer = ctx.snapshot.link(*link.peer) if link and link.peer else None
+        if peer is None or peer.master:
+            continue
+        for ns_name, name in ctx.snapshot.segment(*far):
+            candidate = ctx.snapshot.link(ns_name, name)
+            if candidate and candidate.kind == "bridge" and ns_name == peer.netns:
+                return peer.name, peer.netns, candidate.name
     return None
 
 
@@ -972,6 +985,98 @@ def _unknown(ctx: _Context) -> Finding:
     )
 
 
+# ---- the rest of the way, from the snapshot alone ---------------------------
+
+
+def _walk(ctx: _Context) -> list[Finding]:
+    """Wrong facts further along the probe's way, which the packet never met.
+
+    The route lookups are replayed on the snapshot (longest prefix match in
+    the main tables; policy rules and marks are not modelled), hop by hop:
+    the request from the source to the destination, and the reply back when
+    no NAT is involved (with NAT, the way back depends on conntrack). Each
+    finding comes after every finding of the path itself.
+    """
+    probe = ctx.probe
+    found = _walk_one(ctx, probe.src_netns, probe.dst, "request", len(ctx.hops))
+    owner = ctx.snapshot.owner(probe.dst)
+    if owner is not None and probe.src and not ctx.result.nat:
+        found += _walk_one(ctx, owner.netns, probe.src, "reply", len(ctx.hops) + 50)
+    return found
+
+
+def _walk_one(
+    ctx: _Context, start: str, target: str, direction: str, position: int
+) -> list[Finding]:
+    netns, visited = start, set()
+    for step in range(32):
+        state = ctx.ns(netns)
+        if state is None or state.owns(target) or netns in visited:
+            return []
+        visited.add(netns)
+        route = state.lookup(target)
+        at = position + step
+        if route is None:
+            hop = {
+                "netns": netns,
+                "dst": target,
+                "dir": direction,
+                "error": "no matching route in the snapshot",
+            }
+            return [_no_route_finding(ctx, at, hop)]
+        link = state.links.get(route.dev or "")
+        if link is None:
+            return []  # a device the snapshot does not know: no verdict
+        if not link.admin_up:
+            return [
+                Finding(
+                    at,
+                    "link-down",
+                    netns,
+                    f"{link.name} in {netns} is down, and the {direction}'s route to "
+                    f"{target} leaves through it",
+                    [
+                        f"route in {netns}: {_snapshot_route(route)}",
+                        f"{link.name} is down",
+                    ],
+                    f"ip link set {link.name} up",
+                )
+            ]
+        nexthop = route.gateway or target
+        owner = ctx.snapshot.owner(nexthop)
+        path = (
+            ctx.snapshot.l2_path((netns, route.dev), (owner.netns, owner.dev))
+            if owner is not None and route.dev
+            else None
+        )
+        broken_l2 = path is None or any(
+            not ctx.snapshot.graph.nodes[n]["link"].admin_up for n in path
+        )
+        if owner is None or broken_l2:
+            asked = f"{netns} would ask for {nexthop} on {route.dev} (ARP)"
+            return [_unanswered(ctx, at, netns, route.dev or "?", nexthop, None, asked)]
+        following = ctx.ns(owner.netns)
+        if following is None or owner.netns in visited:
+            return []  # a routing loop, or out of the snapshot: no verdict
+        if not following.owns(target) and not following.forwarding(owner.dev):
+            return [
+                Finding(
+                    at,
+                    "forwarding-disabled",
+                    owner.netns,
+                    f"{owner.netns} would have to forward the {direction} for {target}, "
+                    f"but forwarding is off",
+                    [
+                        f"route in {netns}: {_snapshot_route(route)}",
+                        f"net.ipv4.ip_forward = 0 in {owner.netns}",
+                    ],
+                    "sysctl -w net.ipv4.ip_forward=1",
+                )
+            ]
+        netns = owner.netns
+    return []
+
+
 RULES = (
     _no_route,
     _misrouted,
@@ -981,4 +1086,5 @@ RULES = (
     _rp_filter,
     _neighbour,
     _no_listener,
+    _walk,
 )

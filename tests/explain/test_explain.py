@@ -35,6 +35,7 @@ def test_recorded_lab_first_cause(case):
         assert first["fix"].startswith(case.fix)
     assert first["summary"] and first["evidence"]
     assert set(first) == {"code", "netns", "summary", "evidence", "fix"}
+    assert [(c["code"], c["netns"]) for c in causes[1:]] == list(case.also)
 
 
 def test_recorded_labs_cover_every_code_but_unknown():
@@ -140,8 +141,9 @@ def veth(ifindex: int, name: str, peer: int, **extra: Any) -> dict[str, Any]:
     )
 
 
-def two_namespaces(forward: str = "1") -> Snapshot:
-    """A router `gw` (10.5.0.1/24 on a0) and a leaf `leaf` (10.5.0.2/24)."""
+def two_namespaces(forward: str = "1", default: bool = True) -> Snapshot:
+    """A router `gw` (10.5.0.1/24 on a0) and a leaf `leaf` (10.5.0.2/24)
+    whose default route goes through it (unless not *default*)."""
     return Snapshot(
         {
             "gw": parse_namespace(
@@ -161,7 +163,12 @@ def two_namespaces(forward: str = "1") -> Snapshot:
                 {
                     "links": [veth(2, "e0", 3)],
                     "addresses": [addr("e0", "10.5.0.2", 24)],
-                    "routes": [{"dst": "10.5.0.0/24", "dev": "e0"}],
+                    "routes": [{"dst": "10.5.0.0/24", "dev": "e0"}]
+                    + (
+                        [{"dst": "default", "gateway": "10.5.0.1", "dev": "e0"}]
+                        if default
+                        else []
+                    ),
                     "sysctls": {"net/ipv4/ip_forward": "0"},
                 },
             ),
@@ -200,7 +207,7 @@ def test_snapshot_joins_veth_peers_across_namespaces():
 def test_no_route_finds_the_router_on_the_link():
     failed = hop("leaf", "route", table=254, error="EAGAIN")
     result = result_of("unreachable", [failed], send_error="ENETUNREACH")
-    (cause,) = explain(result, two_namespaces())
+    (cause,) = explain(result, two_namespaces(default=False))
     assert (cause["code"], cause["netns"]) == ("no-route", "leaf")
     assert cause["fix"] == "ip route add default via 10.5.0.1"
     assert "refused to send" in cause["summary"]
@@ -209,7 +216,7 @@ def test_no_route_finds_the_router_on_the_link():
 def test_no_route_without_a_router_has_no_fix():
     failed = hop("leaf", "route", table=254, error="EAGAIN")
     result = result_of("unreachable", [failed], send_error="ENETUNREACH")
-    (cause,) = explain(result, two_namespaces(forward="0"))
+    (cause,) = explain(result, two_namespaces(forward="0", default=False))
     assert cause["code"] == "no-route" and cause["fix"] is None
 
 
@@ -226,8 +233,11 @@ def test_forwarding_off_is_found_at_the_router():
 
 def test_hops_of_unknown_namespaces_are_ignored():
     # Lookalike packets of another lab (netns:<inode>) explain nothing here.
+    # The way to the router's own address is sound, so nothing is known.
     stray = hop("netns:4026532370", "route", table=254, error="EAGAIN")
-    (cause,) = explain(result_of("no-reply", [stray]), two_namespaces())
+    probe = Probe(src_netns="leaf", dst="10.5.0.1", src="10.5.0.2")
+    result = TraceResult(probe=probe, outcome="no-reply", hops=[stray])
+    (cause,) = explain(result, two_namespaces())
     assert cause["code"] == "unknown"
     assert cause["fix"] is None
 
