@@ -18,9 +18,8 @@ thread that has entered the namespace (:func:`tracer.netns.run_in`).
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-from typing import Any, Self
+from typing import Self
 
 from tracer import netns
 from tracer.errors import CannotTraceError
@@ -117,11 +116,6 @@ class Nft:
                 err.decode(errors="replace").strip() or f"nft failed: {code}"
             )
         return out.decode(errors="replace")
-
-    def ruleset_json(self) -> list[dict[str, Any]]:
-        """`nft -j -a list ruleset`: the ``nftables`` list of objects."""
-        text = self.run("list ruleset", json_output=True, handles=True)
-        return json.loads(text or '{"nftables": []}').get("nftables", [])
 
     def ruleset_text(self) -> str:
         """`nft -a list ruleset`: nft syntax, each rule ending ``# handle N``."""

@@ -423,44 +423,44 @@ class Ruleset:
         return lines
 
 
-def index_ruleset(objects: Sequence[dict[str, Any]], text: str) -> Ruleset:
-    """Index `nft -j -a list ruleset` objects and `nft -a list ruleset` text."""
+def index_ruleset(text: str) -> Ruleset:
+    """Index `nft -a list ruleset` text: base chains' hooks, rule order and text.
+
+    The text form, not `nft -j`: libnftables 1.0.6 corrupted its heap when
+    it printed JSON while other contexts of the same process held owner
+    tables (glibc "corrupted double-linked list" after a few dozen traces in
+    one process; the text printer ran 200 rounds clean).
+    """
     ruleset = Ruleset()
-    for item in objects:
-        if "chain" in item:
-            chain = item["chain"]
-            key = (chain["family"], chain["table"], chain["name"])
-            ruleset.order.setdefault(key, [])
-            if "hook" in chain:
-                ruleset.hooks[key] = chain["hook"].upper()
-                ruleset.policies[key] = chain.get("policy", "accept")
-        elif "rule" in item:
-            rule = item["rule"]
-            key = (rule["family"], rule["table"], rule["chain"])
-            ruleset.order.setdefault(key, []).append(rule["handle"])
-    ruleset.text = rule_texts(text)
+    table: tuple[str, str] | None = None
+    chain: tuple[str, str, str] | None = None
+    for line in text.splitlines():
+        if found := _TABLE_LINE.match(line):
+            table, chain = (found.group(1), found.group(2)), None
+        elif (found := _CHAIN_LINE.match(line)) and table is not None:
+            chain = (*table, found.group(1).strip('"'))
+            ruleset.order.setdefault(chain, [])
+        elif _BLOCK_LINE.match(line) or line.strip() == "}":
+            chain = None  # a set, map or other object, or the end of a chain
+        elif chain is None:
+            continue
+        elif found := _BASE_LINE.match(line):
+            ruleset.hooks[chain] = found.group(1).upper()
+            ruleset.policies[chain] = found.group(2) or "accept"
+        elif found := _RULE_LINE.match(line):
+            handle = int(found.group(2))
+            ruleset.order[chain].append(handle)
+            body = _COUNTER.sub("", found.group(1)).strip()
+            ruleset.text[(chain[0], chain[1], handle)] = body
     return ruleset
 
 
 _TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{")
+_CHAIN_LINE = re.compile(r"^\s+chain (\S+) \{")
+_BLOCK_LINE = re.compile(r"^\s+\S+ .*\{ # handle \d+$")
+_BASE_LINE = re.compile(r"^\s+type \S+ hook (\S+) .*priority [^;]+;(?: policy (\S+);)?")
 _RULE_LINE = re.compile(r"^\s+(.*\S)\s+# handle (\d+)$")
-
-
-def rule_texts(text: str) -> dict[tuple[str, str, int], str]:
-    """(family, table, handle) -> the rule in nft syntax, counters left out."""
-    out: dict[tuple[str, str, int], str] = {}
-    table: tuple[str, str] | None = None
-    for line in text.splitlines():
-        found = _TABLE_LINE.match(line)
-        if found:
-            table = (found.group(1), found.group(2))
-            continue
-        rule = _RULE_LINE.match(line)
-        if table is None or rule is None or rule.group(1).endswith("{"):
-            continue
-        body = re.sub(r"\s*counter packets \d+ bytes \d+", "", rule.group(1)).strip()
-        out[(table[0], table[1], int(rule.group(2)))] = body
-    return out
+_COUNTER = re.compile(r"\s*counter packets \d+ bytes \d+")
 
 
 def parse_iptables_save(text: str) -> dict[str, dict[str, list[str]]]:
@@ -750,7 +750,7 @@ class RuleTracer:
         nft = self.contexts.get(ns)
         if nft is None or all(c.own for c in found if c.netns == ns):
             return Ruleset()
-        ruleset = index_ruleset(nft.ruleset_json(), nft.ruleset_text())
+        ruleset = index_ruleset(nft.ruleset_text())
         if any(c.family == "ip" and not c.own for c in found if c.netns == ns):
             ruleset.iptables = iptables_save(ns)
         return ruleset

@@ -35,7 +35,7 @@ def nstrace(*args: str) -> subprocess.CompletedProcess[str]:
 
 def ping_json(src: str, dst: str) -> dict[str, Any]:
     done = nstrace("ping", src, dst, "--json")
-    assert done.returncode in (0, 1), done.stderr
+    assert done.returncode in (0, 1) and done.stdout, done.stderr
     return json.loads(done.stdout)
 
 

@@ -5,8 +5,8 @@ listeners received during real runs of `nstrace ping` on the tutorial lab
 (kernel 6.18), captured at `RuleTracer.crossings`: ``flow`` is the probe's
 flow, ``datagrams`` are ``[netns, hex]`` in arrival order per namespace.
 host-step6-rule-drop.* are the host namespace's ruleset at step 6 with
-`iptables -A FORWARD -d 11.11.11.0/24 -j DROP` added: `nft -j -a list
-ruleset`, `nft -a list ruleset` and `iptables-save`.
+`iptables -A FORWARD -d 11.11.11.0/24 -j DROP` added: `nft -a list
+ruleset` and `iptables-save`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def recorded(name: str) -> tuple[Flow, list[tuple[str, TraceMessage]]]:
 
 def host_ruleset() -> rules.Ruleset:
     base = DATA / "host-step6-rule-drop"
-    objects = json.loads(base.with_suffix(".ruleset.json").read_text())["nftables"]
-    ruleset = rules.index_ruleset(objects, base.with_suffix(".ruleset.nft").read_text())
+    ruleset = rules.index_ruleset(base.with_suffix(".ruleset.nft").read_text())
     ruleset.iptables = rules.parse_iptables_save(
         base.with_suffix(".iptables").read_text()
     )
@@ -288,16 +287,40 @@ def test_nft_syntax_when_iptables_does_not_line_up():
     assert ruleset.rule_text("ip", "filter", "FORWARD", 99) == "rule handle 99"
 
 
-def test_rule_texts_of_a_native_table():
+def test_index_of_a_native_table_with_a_set_and_a_user_chain():
     text = (
         "table inet fw { # handle 7\n"
-        "\tset blocked { # handle 2\n\t\ttype ipv4_addr\n\t}\n"
+        "\tset blocked { # handle 2\n\t\ttype ipv4_addr\n"
+        "\t\telements = { 10.1.1.1 }\n\t}\n"
         "\tchain input { # handle 1\n"
         "\t\ttype filter hook input priority 10; policy accept;\n"
         "\t\tip saddr @blocked counter packets 3 bytes 180 reject # handle 4\n"
+        '\t\tjump "DOCKER-USER" # handle 6\n'
+        "\t}\n"
+        '\tchain "DOCKER-USER" { # handle 5\n'
+        "\t\ttcp dport 22 drop # handle 8\n"
         "\t}\n}\n"
     )
-    assert rules.rule_texts(text) == {("inet", "fw", 4): "ip saddr @blocked reject"}
+    ruleset = rules.index_ruleset(text)
+    assert ruleset.hooks == {("inet", "fw", "input"): "INPUT"}
+    assert ruleset.policies == {("inet", "fw", "input"): "accept"}
+    assert ruleset.order == {
+        ("inet", "fw", "input"): [4, 6],
+        ("inet", "fw", "DOCKER-USER"): [8],
+    }
+    assert ruleset.rule_text("inet", "fw", "input", 4) == "ip saddr @blocked reject"
+    assert ruleset.rule_text("inet", "fw", "DOCKER-USER", 8) == "tcp dport 22 drop"
+    assert ruleset.policy_text("inet", "fw", "input", "accept") == "policy accept"
+
+
+def test_index_of_the_lab_host():
+    ruleset = host_ruleset()
+    assert ruleset.hooks == {
+        ("ip", "filter", "FORWARD"): "FORWARD",
+        ("ip", "nat", "POSTROUTING"): "POSTROUTING",
+    }
+    assert ruleset.policies[("ip", "filter", "FORWARD")] == "drop"
+    assert ruleset.order[("ip", "filter", "FORWARD")] == [2, 3]
 
 
 # ---- bridge hops and rule verdicts for path assembly -----------------------
