@@ -781,7 +781,7 @@ def _unanswered(
         return _nobody_has(ctx, i, netns, dev, wanted, asked)
     path = ctx.snapshot.l2_path((netns, dev), (owner.netns, owner.dev))
     if path is not None:
-        down = [n for n in path if not ctx.snapshot.graph.nodes[n]["link"].admin_up]
+        down = [n for n in path if not ctx.snapshot.link(*n).admin_up]
         if down:
             where, name = down[0]
             return Finding(
@@ -1050,7 +1050,7 @@ def _walk_one(
             else None
         )
         broken_l2 = path is None or any(
-            not ctx.snapshot.graph.nodes[n]["link"].admin_up for n in path
+            not ctx.snapshot.link(*n).admin_up for n in path
         )
         if owner is None or broken_l2:
             asked = f"{netns} would ask for {nexthop} on {route.dev} (ARP)"

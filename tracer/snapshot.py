@@ -294,12 +294,25 @@ class Snapshot:
         return nodes
 
     def l2_path(self, a: tuple[str, str], b: tuple[str, str]) -> list | None:
-        import networkx as nx
-
-        try:
-            return nx.shortest_path(self.graph, a, b)
-        except (nx.NetworkXNoPath, nx.NodeNotFound):
+        """A shortest chain of links from *a* to *b*, or None (breadth first)."""
+        if a not in self.neighbours or b not in self.neighbours:
             return None
+        came_from: dict[tuple[str, str], tuple[str, str] | None] = {a: None}
+        todo = [a]
+        while todo and b not in came_from:
+            following = []
+            for node in todo:
+                for other in sorted(self.neighbours[node][0]):
+                    if other not in came_from:
+                        came_from[other] = node
+                        following.append(other)
+            todo = following
+        if b not in came_from:
+            return None
+        path = [b]
+        while came_from[path[-1]] is not None:
+            path.append(came_from[path[-1]])
+        return path[::-1]
 
     def summary(self) -> dict[str, Any]:
         """The part that goes into the JSON result (``snapshot``)."""

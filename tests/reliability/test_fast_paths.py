@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -74,3 +75,19 @@ def test_enum_by_name_of_no_enum_falls_back():
     data = Path(btf.BTF_PATH).read_bytes()
     assert btf._find_enum(data, "sk_buff") is None  # a struct, not an enum
     assert btf._find_enum(data, "no_such_type_anywhere") is None
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])
+def test_l2_path_is_a_shortest_path_as_networkx_finds_them(path):
+    snap = recorded_snapshot(path)
+    nodes = list(snap.graph.nodes)
+    for a in nodes:
+        for b in nodes:
+            ours = snap.l2_path(a, b)
+            if not nx.has_path(snap.graph, a, b):
+                assert ours is None
+                continue
+            assert ours[0] == a and ours[-1] == b
+            assert all(snap.graph.has_edge(x, y) for x, y in itertools.pairwise(ours))
+            assert len(ours) - 1 == nx.shortest_path_length(snap.graph, a, b)
+    assert snap.l2_path(nodes[0], ("no-such-netns", "eth0")) is None
