@@ -39,6 +39,7 @@ def run_checks() -> list[Check]:
     ]
     if all(check.ok for check in checks):
         checks += _programs()
+        checks.append(_rule_attribution())
     checks += [_tool(name) for name in REQUIRED_TOOLS]
     return checks
 
@@ -95,6 +96,28 @@ def _netfilter_link(engine: probes.Probes) -> Check:
         return Check("netfilter link", False, str(exc), fix)
     finally:
         engine.close()
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def _rule_attribution() -> Check:
+    """nstrace's owner-flagged nftables tables and a trace listener, for real."""
+    from tracer import rules
+
+    name = f"nstrace-doctor-rules-{os.getpid()}"
+    fix = "optional: without libnftables1 and nf_tables, hops have no rule names"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        with rules.RuleTracer([name], rules.Flow("icmp", 1)):
+            listed = subprocess.run(["ip", "netns", "exec", name, "nft", "list", "tables"],
+                                    capture_output=True, text=True, check=False).stdout
+        if "nstrace_" not in listed:
+            return Check("rule attribution", False, "nstrace's table did not appear", fix,
+                         required=False)
+        return Check("rule attribution", True, "nftables trace table and listener",
+                     required=False)
+    except (NstraceError, OSError) as exc:
+        return Check("rule attribution", False, str(exc), fix, required=False)
+    finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
 
