@@ -40,6 +40,8 @@ def fake_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script.chmod(0o755)
     (tmp_path / "web.pid").write_text(f"{os.getpid()}\n")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    # Registered containers last as long as the process: forget them after.
+    monkeypatch.setattr(netns, "_REGISTERED", {})
     return tmp_path
 
 
