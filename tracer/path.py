@@ -737,8 +737,6 @@ def assemble(
         ):
             record = _drop_record(steps, i)
             record["rule"] = _drop_rule(steps, i, attached)
-            if record["rule"] is not None:
-                hop["rule"] = copy.deepcopy(record["rule"])
             hop["event"], hop["hook"] = "drop", record["hook"]
             # An ICMP error the kernel made about the probe (host unreachable
             # after a failed ARP) may be freed just before the probe itself

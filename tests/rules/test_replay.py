@@ -138,6 +138,11 @@ def test_text_shows_rules_under_their_hops(name, expected):
     assert expected in text_of(replay(name))
 
 
+def test_the_dropping_rule_is_shown_once():
+    text = text_of(replay("step6"))
+    assert text.count("ip filter FORWARD policy: -P FORWARD DROP") == 1
+
+
 def test_outcome_line_names_the_chain_and_policy():
     line = render.outcome_line(replay("step6")).plain
     assert line == (
