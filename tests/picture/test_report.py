@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.picture import browser, pngfile
 from tracer import picture, report
+from tracer.path import TraceResult
 from tracer.picture import Topology
 
 HERE = Path(__file__).parent
@@ -126,3 +127,29 @@ def test_screenshot_of_step6_shows_the_pictures(tmp_path: Path):
     assert len(colours) > 200, "the screenshot is (nearly) blank"
     assert any(near(c, picture.REPLY_COLOUR) for c in colours)
     assert any(near(c, picture.REQUEST_COLOUR) for c in colours)
+
+
+def test_collector_pairs_each_probe_with_its_last_trace(tmp_path: Path, monkeypatch):
+    from tracer import check, scenario
+
+    tutorial = scenario.default_scenario()
+    step5, topo5 = saved(5)
+    step6, topo6 = saved(6)
+    topologies = iter([topo5, topo6])
+    monkeypatch.setattr(picture, "read_topology", lambda names: next(topologies))
+    probe = tutorial.step(6).probes[0]
+    before = TraceResult.from_json(step5)
+    after = TraceResult.from_json(step6)
+    collector = report.Collector(tutorial)
+    collector.add(check.ProbeRun(tutorial.step(5), probe, before, []))
+    collector.add(check.ProbeRun(tutorial.step(6), probe, after, [], 5, before))
+    entry = collector.steps[6].probes[0]
+    assert entry.label == "nstrace ping RED 8.8.8.8"
+    assert entry.before is before and entry.before_topology is topo5
+    assert entry.after_topology is topo6 and entry.before_step == 5
+    assert "outcome: no-reply -> dropped" in entry.changes
+    assert collector.steps[6].commands == [
+        "host# iptables -t nat -A POSTROUTING -s 11.11.11.0/24 -j MASQUERADE"
+    ]
+    page = collector.write(tmp_path).read_text()
+    assert page.count("<svg") == 3
