@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from typing import Self
 
 from tracer import netns
@@ -70,6 +71,18 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+def _socket_fds() -> set[int]:
+    """This process's open descriptors that are sockets."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                found.add(int(name))
+        except OSError:
+            continue  # closed meanwhile, or the listing's own descriptor
+    return found
+
+
 class Nft:
     """One libnftables context, and its netlink socket, in namespace *ns*.
 
@@ -81,10 +94,16 @@ class Nft:
     def __init__(self, ns: str) -> None:
         self.ns = ns
         self._lib = library()
+        self._socket_fds: list[int] = []
         self._ctx: int | None = netns.run_in(ns, self._new)
 
     def _new(self) -> int:
+        before = _socket_fds()
         ctx = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT: opens the socket
+        # The one socket libnftables opened, found by its appearance: nstrace
+        # opens nothing else meanwhile (see release_socket).
+        new = sorted(_socket_fds() - before)
+        self._socket_fds = new if len(new) == 1 else []
         if not ctx:
             raise CannotTraceError(
                 f"libnftables could not open a netlink socket in namespace {self.ns} "
@@ -120,6 +139,27 @@ class Nft:
     def ruleset_text(self) -> str:
         """`nft -a list ruleset`: nft syntax, each rule ending ``# handle N``."""
         return self.run("list ruleset", handles=True)
+
+    def release_socket(self) -> None:
+        """Let go of the context's netlink socket now, before :meth:`close`.
+
+        The kernel deletes owner tables when their socket is released, which
+        blocks the releasing call for an RCU grace period (nft_rcv_nl_event,
+        net/netfilter/nf_tables_api.c), about 10 ms. This is a system call
+        only, no libnftables code (whose global state is not thread-safe),
+        so namespaces can be released side by side on threads. The socket's
+        descriptor is replaced by /dev/null rather than closed, so that the
+        number cannot be reused before libnftables closes it in ``close``.
+        """
+        fds, self._socket_fds = self._socket_fds, []
+        if not fds:
+            return
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for fd in fds:
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
 
     def close(self) -> None:
         if self._ctx is not None:

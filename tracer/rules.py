@@ -56,6 +56,7 @@ import re
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -756,6 +757,16 @@ class RuleTracer:
         return ruleset
 
     def close(self) -> None:
+        # Releasing the sockets deletes the tables; each release waits for
+        # an RCU grace period in the kernel, so they run side by side.
+        releasing = [
+            threading.Thread(target=nft.release_socket, name=f"nft-release-{ns}")
+            for ns, nft in self.contexts.items()
+        ]
+        for thread in releasing:
+            thread.start()
+        for thread in releasing:
+            thread.join()
         for nft in self.contexts.values():
             nft.close()
         self.contexts.clear()

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tracer.rules import Flow, RuleTracer
+
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 ACCEPT_SOURCES = "-A FORWARD -s 11.11.11.0/24 -j ACCEPT"
@@ -174,4 +176,19 @@ def test_no_table_left_after_kill_9(lab):
     deadline = time.monotonic() + 5
     while own_tables(lab) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert own_tables(lab) == {}
+
+
+def test_tables_live_exactly_as_long_as_the_tracer(lab):
+    lab.goto(0)
+    namespaces = list(lab.scenario.namespaces)
+    tracer = RuleTracer(namespaces, Flow("icmp", 7))
+    try:
+        tables = own_tables(lab)
+        assert sorted(tables) == sorted(namespaces)
+        assert all(len(found) == 2 for found in tables.values())  # ip and bridge
+        # libnftables's socket was found, so it can be released in parallel.
+        assert all(len(nft._socket_fds) == 1 for nft in tracer.contexts.values())
+    finally:
+        tracer.close()
     assert own_tables(lab) == {}
