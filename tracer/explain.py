@@ -76,6 +76,8 @@ class Finding:
     summary: str
     evidence: list[str] = field(default_factory=list)
     fix: str | None = None
+    # What makes two findings the same fact; (code, netns) when None.
+    key: tuple[str, ...] | None = None
 
     def cause(self) -> dict[str, Any]:
         return {
@@ -96,6 +98,13 @@ class _Context:
         self.probe = result.probe
         known = self.snapshot.namespaces
         self.hops = [h for h in result.hops if not known or h.get("netns") in known]
+        # With NAT in the lab, addresses change on the way: predicting the
+        # verdicts of filter rules from the probe's addresses could be wrong.
+        self.predict_filters = not result.nat and not any(
+            item.get("chain", {}).get("type") == "nat"
+            for state in self.snapshot.namespaces.values()
+            for item in state.ruleset
+        )
 
     def ns(self, name: str) -> NetnsState | None:
         return self.snapshot.ns(name)
@@ -141,12 +150,12 @@ def explain(result: Any, snapshot: Snapshot | None) -> list[dict[str, Any]]:
 def _order(findings: list[Finding]) -> list[Finding]:
     findings = sorted(findings, key=lambda f: f.position)
     kept: list[Finding] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, ...]] = set()
     for finding in findings:
         if kept and kept[0].code in DIVERTING and finding.position > kept[0].position:
             log.debug("dropping %s: follows from %s", finding.code, kept[0].code)
             continue
-        key = (finding.code, finding.netns)
+        key = finding.key or (finding.code, finding.netns)
         if key not in seen:
             seen.add(key)
             kept.append(finding)
@@ -210,13 +219,13 @@ def _gateway_for(ctx: _Context, netns: str, target: str) -> tuple[str, str, str]
             for candidate in other.addresses_on(node[1]):
                 if ipaddress.ip_address(candidate.addr) not in address.network:
                     continue
-                # A namespace that does not forward is a gateway only to
-                # its own addresses.
-                owns = other.owns(target) is not None
+                # A gateway owns the target, forwards, or at least has a
+                # route to it (then forwarding off is a cause of its own).
+                reaches = other.owns(target) is not None or bool(other.lookup(target))
                 forwards = other.forwarding(node[1])
-                if not (owns or forwards):
+                if not (reaches or forwards):
                     continue
-                score = 2 * forwards + bool(owns or other.lookup(target))
+                score = 2 * forwards + reaches
                 if best is None or score > best[0]:
                     best = (score, (candidate.addr, node[0], node[1]))
     return best[1] if best else None
@@ -277,7 +286,8 @@ def _no_route_finding(ctx: _Context, i: int, hop: dict[str, Any]) -> Finding:
     fix = None
     if gateway is not None:
         addr, router, dev = gateway
-        evidence.append(f"{addr} ({router}, {dev}) is next to {netns} and forwards")
+        forwards = "forwards" if ctx.ns(router).forwarding(dev) else "routes"
+        evidence.append(f"{addr} ({router}, {dev}) is next to {netns} and {forwards}")
         if state is not None and state.default_route() is None:
             fix = f"ip route add default via {addr}"
         else:
@@ -457,9 +467,8 @@ def _filter_finding(
     chain, rule_json = _dropping_chain(ctx, netns, hook, rule)
     evidence = [f"the {direction} {src} > {dst} did not pass {hook} in {netns}"]
     if crossing and (crossing.get("in_dev") or crossing.get("out_dev")):
-        evidence[0] += (
-            f" (in {crossing.get('in_dev') or '-'}, out {crossing.get('out_dev') or '-'})"
-        )
+        devices = crossing.get("in_dev") or "-", crossing.get("out_dev") or "-"
+        evidence[0] += " (in {}, out {})".format(*devices)
     what = "netfilter"
     if chain is not None:
         what = _chain_words(chain, rule, rule_json)
@@ -471,7 +480,8 @@ def _filter_finding(
         evidence.append(f"the request passed {hook} in {netns}; the reply did not")
     summary = f"the {direction} was dropped in {netns} at {hook} by the {what}"
     fix = _filter_fix(ctx, netns, hook, direction, src, dst, chain, rule, rule_json)
-    return Finding(i, "filter-drop", netns, summary, evidence, fix)
+    key = ("filter-drop", netns, hook, str(direction))
+    return Finding(i, "filter-drop", netns, summary, evidence, fix, key)
 
 
 def _hook_hop(ctx: _Context, i: int, drop: dict[str, Any]) -> dict[str, Any] | None:
@@ -1021,7 +1031,7 @@ def _walk_one(
                 "netns": netns,
                 "dst": target,
                 "dir": direction,
-                "error": "no matching route in the snapshot",
+                "error": "no route matches (snapshot)",
             }
             return [_no_route_finding(ctx, at, hop)]
         link = state.links.get(route.dev or "")
@@ -1058,14 +1068,15 @@ def _walk_one(
         following = ctx.ns(owner.netns)
         if following is None or owner.netns in visited:
             return []  # a routing loop, or out of the snapshot: no verdict
+        blocked = _predicted_filter(ctx, at, path, owner, following, target, direction)
         if not following.owns(target) and not following.forwarding(owner.dev):
             return [
                 Finding(
                     at,
                     "forwarding-disabled",
                     owner.netns,
-                    f"{owner.netns} would have to forward the {direction} for {target}, "
-                    f"but forwarding is off",
+                    f"{owner.netns} would have to forward the {direction} for "
+                    f"{target}, but forwarding is off",
                     [
                         f"route in {netns}: {_snapshot_route(route)}",
                         f"net.ipv4.ip_forward = 0 in {owner.netns}",
@@ -1073,8 +1084,186 @@ def _walk_one(
                     "sysctl -w net.ipv4.ip_forward=1",
                 )
             ]
+        if blocked is not None:
+            return [blocked]
         netns = owner.netns
     return []
+
+
+def _predicted_filter(
+    ctx: _Context,
+    at: int,
+    path: list,
+    owner: Address,
+    following: NetnsState,
+    target: str,
+    direction: str,
+) -> Finding | None:
+    """A filter drop the packet would meet reaching and entering *following*."""
+    if not ctx.predict_filters or not ctx.probe.src:
+        return None
+    probe = ctx.probe
+    src, dst = (
+        (probe.src, probe.dst) if direction == "request" else (probe.dst, probe.src)
+    )
+    packet = {
+        "src": src,
+        "dst": dst,
+        "proto": probe.proto,
+        "ct": "new" if direction == "request" else "established",
+    }
+    checks: list[tuple[NetnsState, str, dict[str, Any]]] = []
+    # br_netfilter hands bridged IPv4 to the FORWARD hook of the bridge's
+    # namespace, with the bridge as both devices (br_nf_forward_ip()).
+    for ns_name, name in path[1:-1]:
+        link, state = ctx.snapshot.link(ns_name, name), ctx.ns(ns_name)
+        if (
+            link
+            and link.kind == "bridge"
+            and state
+            and state.sysctl("net/bridge/bridge-nf-call-iptables") == 1
+        ):
+            checks.append((state, "FORWARD", {"iif": name, "oif": name}))
+    checks.append((following, "PREROUTING", {"iif": owner.dev}))
+    if following.owns(target):
+        checks.append((following, "INPUT", {"iif": owner.dev}))
+    else:
+        out = following.lookup(target)
+        if out is not None and out.dev:
+            checks.append((following, "FORWARD", {"iif": owner.dev, "oif": out.dev}))
+    for state, hook, devices in checks:
+        predicted = _predict_drop(state, hook, {**packet, **devices})
+        if predicted is None:
+            continue
+        chain, rule_json = predicted
+        what = _chain_words(chain, None, rule_json)
+        where = ", ".join(f"{k} {v}" for k, v in devices.items())
+        return Finding(
+            at,
+            "filter-drop",
+            state.name,
+            f"the {direction} would be dropped in {state.name} at {hook} by the {what}",
+            [
+                f"predicted from the ruleset of {state.name}: {src} > {dst} ({where})",
+                f"{what} in {state.name}",
+            ],
+            _filter_fix(
+                ctx, state.name, hook, direction, src, dst, chain, None, rule_json
+            ),
+            ("filter-drop", state.name, hook, direction),
+        )
+    return None
+
+
+# ---- predicting netfilter verdicts (for the rest of the way) ---------------
+
+# What the evaluator understands of a rule; anything else makes it give up.
+_IGNORED = ("counter", "log", "comment")
+
+
+def _predict_drop(
+    state: NetnsState, hook: str, packet: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """(chain, dropping rule or None for the policy) that would drop *packet*
+    at *hook* of *state*, or None when it would pass or the rules say more
+    than this evaluator understands (it never guesses a drop)."""
+    chains = [c for c in state.base_chains(hook.lower()) if c.get("type") == "filter"]
+    for chain in sorted(chains, key=lambda c: c.get("prio", 0)):
+        outcome = _run_chain(state, chain, packet)
+        if outcome is None:
+            return None
+        verdict, rule = outcome
+        if verdict == "drop":
+            return chain, rule
+    return None
+
+
+def _run_chain(
+    state: NetnsState, chain: dict[str, Any], packet: dict[str, Any]
+) -> tuple[str, dict[str, Any] | None] | None:
+    for rule in state.rules_of(chain["family"], chain["table"], chain["name"]):
+        matched = _rule_matches(rule, packet)
+        if matched is None:
+            return None
+        if not matched:
+            continue
+        verdict = _verdict(rule)
+        if verdict == "accept":
+            return "accept", None
+        if verdict in ("drop", "reject"):
+            return "drop", rule
+        if any(not _understood(e) for e in rule.get("expr", [])):
+            return None  # a jump, a goto, a target of iptables: give up
+    return ("drop", None) if chain.get("policy") == "drop" else ("accept", None)
+
+
+def _understood(expr: dict[str, Any]) -> bool:
+    return any(key in expr for key in (*_IGNORED, "match", "accept", "drop", "reject"))
+
+
+def _rule_matches(rule: dict[str, Any], packet: dict[str, Any]) -> bool | None:
+    """True, False, or None when a part of the rule is beyond the evaluator."""
+    results = []
+    for expr in rule.get("expr", []):
+        if "match" in expr:
+            results.append(_match_holds(expr["match"], packet))
+        elif not _understood(expr):
+            results.append(None)
+    if False in results:
+        return False
+    return None if None in results else True
+
+
+def _match_holds(match: dict[str, Any], packet: dict[str, Any]) -> bool | None:
+    left, right, op = match.get("left", {}), match.get("right"), match.get("op")
+    if op not in ("==", "!=", "in"):
+        return None
+    value: Any = None
+    if "payload" in left and left["payload"].get("protocol") == "ip":
+        name = left["payload"].get("field")
+        value = {
+            "saddr": packet.get("src"),
+            "daddr": packet.get("dst"),
+            "protocol": packet.get("proto"),
+        }.get(name)
+    elif "meta" in left:
+        name = left["meta"].get("key")
+        value = {
+            "iifname": packet.get("iif"),
+            "oifname": packet.get("oif"),
+            "l4proto": packet.get("proto"),
+        }.get(name)
+    elif "ct" in left and left["ct"].get("key") == "state":
+        value = packet.get("ct")
+    if value is None:
+        return None
+    holds = _value_in(value, right)
+    if holds is None:
+        return None
+    return holds if op != "!=" else not holds
+
+
+def _value_in(value: str, right: Any) -> bool | None:
+    if isinstance(right, list):
+        answers = [_value_in(value, item) for item in right]
+        return None if None in answers else any(answers)
+    if isinstance(right, dict) and "set" in right:
+        return _value_in(value, right["set"])
+    if isinstance(right, dict) and "prefix" in right:
+        prefix = right["prefix"]
+        try:
+            network = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}")
+            return ipaddress.ip_address(value) in network
+        except ValueError:
+            return None
+    if not isinstance(right, str):
+        return None
+    if right.endswith("*"):
+        return value.startswith(right[:-1])
+    try:
+        return ipaddress.ip_address(value) == ipaddress.ip_address(right)
+    except ValueError:
+        return value == right
 
 
 RULES = (

@@ -216,7 +216,10 @@ def test_no_route_finds_the_router_on_the_link():
 def test_no_route_without_a_router_has_no_fix():
     failed = hop("leaf", "route", table=254, error="EAGAIN")
     result = result_of("unreachable", [failed], send_error="ENETUNREACH")
-    (cause,) = explain(result, two_namespaces(forward="0", default=False))
+    snapshot = two_namespaces(forward="0", default=False)
+    gw = snapshot.ns("gw")
+    gw.routes = [r for r in gw.routes if not r.dst.startswith("10.6.")]
+    (cause,) = explain(result, snapshot)
     assert cause["code"] == "no-route" and cause["fix"] is None
 
 
@@ -331,3 +334,101 @@ def test_the_probes_own_drop_wins_over_the_icmp_error_about_it():
     result = assemble(probe, events)
     assert result.drop["reason"] == "NEIGH_FAILED"
     assert (result.drop["dev"], result.drop["dir"]) == ("e0", "request")
+
+
+# ---- predicted verdicts ----------------------------------------------------
+
+
+def chain_state(policy: str, *rules: list[dict[str, Any]]) -> Any:
+    chain = {
+        "family": "ip",
+        "table": "filter",
+        "name": "FORWARD",
+        "type": "filter",
+        "hook": "forward",
+        "prio": 0,
+        "policy": policy,
+    }
+    items = [{"chain": chain}] + [
+        {
+            "rule": {
+                "family": "ip",
+                "table": "filter",
+                "chain": "FORWARD",
+                "handle": n + 2,
+                "expr": expr,
+            }
+        }
+        for n, expr in enumerate(rules)
+    ]
+    return parse_namespace("r", {"nft": {"nftables": items}})
+
+
+def saddr(prefix: str, length: int) -> dict[str, Any]:
+    return {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+            "right": {"prefix": {"addr": prefix, "len": length}},
+        }
+    }
+
+
+ESTABLISHED = {
+    "match": {
+        "op": "in",
+        "left": {"ct": {"key": "state"}},
+        "right": ["established", "related"],
+    }
+}
+PACKET = {
+    "src": "10.1.0.2",
+    "dst": "10.2.0.2",
+    "proto": "icmp",
+    "ct": "new",
+    "iif": "a",
+    "oif": "b",
+}
+
+
+@pytest.mark.parametrize(
+    "policy,rules,packet,drops",
+    [
+        ("drop", [], PACKET, True),
+        ("accept", [], PACKET, False),
+        ("drop", [[saddr("10.1.0.0", 16), {"accept": None}]], PACKET, False),
+        ("drop", [[ESTABLISHED, {"accept": None}]], PACKET, True),
+        (
+            "drop",
+            [[ESTABLISHED, {"accept": None}]],
+            {**PACKET, "ct": "established"},
+            False,
+        ),
+        ("accept", [[saddr("10.1.0.0", 24), {"drop": None}]], PACKET, True),
+        (
+            "accept",
+            [
+                [
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"meta": {"key": "iifname"}},
+                            "right": "a*",
+                        }
+                    },
+                    {"drop": None},
+                ]
+            ],
+            PACKET,
+            True,
+        ),
+        # Beyond the evaluator (a jump, an iptables target): no prediction.
+        ("drop", [[{"jump": {"target": "DOCKER"}}]], PACKET, False),
+        ("drop", [[{"xt": {"type": "target", "name": "MASQUERADE"}}]], PACKET, False),
+    ],
+)
+def test_predicted_drop_is_certain_or_none(policy, rules, packet, drops):
+    from tracer.explain import _predict_drop
+
+    state = chain_state(policy, *rules)
+    assert (_predict_drop(state, "FORWARD", packet) is not None) is drops

@@ -105,6 +105,8 @@ CASES = (
         "iptables -t filter -A FORWARD -s 10.61.1.0/24 -j ACCEPT",
         ("pd-router", "FORWARD", "request"),
         {"table": "filter", "chain": "FORWARD", "policy": True},
+        # The reply will meet the same policy once the request passes.
+        also=(("filter-drop", "pd-router"),),
     ),
     Case(
         "fwd-rule-drop",
