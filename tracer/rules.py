@@ -119,6 +119,7 @@ PRIORITY = -500
 IP_HOOKS = ("prerouting", "output")
 BRIDGE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 RCVBUF = 1 << 20
+SO_RCVBUFFORCE = 33  # include/uapi/asm-generic/socket.h
 
 
 # ---- the probe's flow ------------------------------------------------------
@@ -685,7 +686,11 @@ def start_rule_tracer(namespaces: Sequence[str], flow: Flow) -> RuleTracer | Non
 def _open_listener() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        try:
+            # Past net.core.rmem_max, which root may do (socket(7)).
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.bind((0, 1 << (NFNLGRP_NFTRACE - 1)))
         sock.setblocking(False)
     except OSError:
@@ -714,6 +719,9 @@ class RuleTracer:
         self.lost = 0
         try:
             for ns in namespaces:
+                if not netns.exists(ns):
+                    log.info("namespace %s is gone; no rule attribution there", ns)
+                    continue
                 self.listeners[ns] = netns.run_in(ns, _open_listener)
                 self.contexts[ns] = Nft(ns)
                 self.contexts[ns].run(table_commands(self.table, flow))
