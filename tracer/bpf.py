@@ -287,13 +287,23 @@ def possible_cpus() -> int:
     return _check_rc(lib().libbpf_num_possible_cpus(), "count CPUs")
 
 
-class RingBuffer:
-    """libbpf's ring buffer consumer; records are handed to *on_record* as bytes."""
+# What the sample callback returns to stop a poll early. libbpf stops
+# consuming at a negative return, keeps the record as consumed, and passes the
+# value on (ringbuf_process_ring, tools/lib/bpf/ringbuf.c, libbpf 1.1).
+_STOP = -errno.ECANCELED
 
-    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]) -> None:
+
+class RingBuffer:
+    """libbpf's ring buffer consumer; records are handed to *on_record* as bytes.
+
+    A poll reads until the buffer is empty, which never happens while records
+    come faster than they are handled; when *on_record* returns True the poll
+    ends after that record, so that the caller gets control back.
+    """
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], bool | None]) -> None:
         def sample(_ctx: int, data: int, size: int) -> int:
-            on_record(ctypes.string_at(data, size))
-            return 0
+            return _STOP if on_record(ctypes.string_at(data, size)) else 0
 
         self._callback = SAMPLE_FN(sample)  # kept alive as long as the buffer
         self.ptr = _check_ptr(
@@ -305,7 +315,7 @@ class RingBuffer:
 
     def poll(self, timeout_ms: int) -> int:
         rc = lib().ring_buffer__poll(self.ptr, timeout_ms)
-        if rc == -errno.EINTR:
+        if rc in (-errno.EINTR, _STOP):
             return 0
         return _check_rc(rc, "ring buffer poll")
 

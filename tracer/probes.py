@@ -191,6 +191,9 @@ class Probes:
         self.unavailable: dict[str, str] = {}
         self.netns_linked: list[str] = []
         self.records: list[bytes] = []
+        # Most records one poll() returns (None: all there are); `nstrace
+        # watch` sets it so that a flood cannot keep it from Ctrl-C.
+        self.poll_budget: int | None = None
         self.timings: dict[str, float] = {}
         started = time.perf_counter()
         self.obj = self._load(object_path or default_object_path())
@@ -201,7 +204,7 @@ class Probes:
             self.cursor_fd = self.obj.map_fd("cursors")
             self.ncpus = bpf.possible_cpus()
             self._attach_tracepoints()
-            self.ring = bpf.RingBuffer(self.obj.map_fd("events"), self.records.append)
+            self.ring = bpf.RingBuffer(self.obj.map_fd("events"), self._on_record)
         except BaseException:
             self.obj.close()
             raise
@@ -297,6 +300,10 @@ class Probes:
         if not bpf.map_lookup(self.lost_fd, ctypes.c_uint32(0), counts):
             return 0
         return sum(counts)
+
+    def _on_record(self, raw: bytes) -> bool:
+        self.records.append(raw)
+        return self.poll_budget is not None and len(self.records) >= self.poll_budget
 
     def poll(self, timeout_ms: int = 0) -> list[bytes]:
         """Raw records that arrived, waiting up to *timeout_ms* for the first."""

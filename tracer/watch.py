@@ -51,6 +51,9 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 # forgets tracked skbs after 100 ms, TRACKED_FRESH_NS, for the same reason).
 PACKET_IDLE_NS = 100 * 1000 * 1000
 POLL_MS = 200
+# One encoder for every line: json.dumps builds one per call with options.
+_encode = json.JSONEncoder(check_circular=False).encode
+POLL_BUDGET = 4096  # records handled between looks at the clock and at signals
 
 
 @dataclass
@@ -116,46 +119,75 @@ def _ipv4(text: str) -> str:
 
 @dataclass
 class Grouper:
-    """Numbers packets by skb address, and remembers what was printed."""
+    """Numbers packets by skb address, and remembers what was printed.
+
+    An skb address names one packet from its first sighting until it is
+    freed, but a packet that ends normally (consumed) is not reported, and
+    the kernel hands the same memory to the next packet at once (a flood
+    of one flow reuses a handful of addresses). So an address also starts
+    a new packet when it is seen again at a point this packet has passed
+    already (same namespace, event, device, hook and priority): no packet
+    crosses one point twice in the same state.
+    """
 
     packets: int = 0
     events: int = 0
-    last_seen: dict[int, tuple[int, int]] = field(default_factory=dict)
     current: int = 0
+    # skb address -> (packet number, last seen t_ns, points passed)
+    last_seen: dict[int, tuple[int, int, set[tuple]]] = field(default_factory=dict)
 
     def packet_of(self, event: Event) -> tuple[int, bool]:
         """The packet number of *event*, and whether it starts a new packet."""
         self.events += 1
         if not event.skb or event.kind in (ROUTE, NEIGH):
             return self.current, False
+        point = (event.netns, event.kind, event.dev, event.hook, event.stage)
         seen = self.last_seen.get(event.skb)
-        new = seen is None or event.t_ns - seen[1] > PACKET_IDLE_NS
+        new = seen is None or event.t_ns - seen[1] > PACKET_IDLE_NS or point in seen[2]
         if new:
             self.packets += 1
-            number = self.packets
-        else:
-            number = seen[0]
-        self.current = number
+            seen = (self.packets, event.t_ns, set())
+        seen[2].add(point)
+        self.current = seen[0]
         if event.kind == FREE:
             self.last_seen.pop(event.skb, None)
         else:
-            self.last_seen[event.skb] = (number, event.t_ns)
+            self.last_seen[event.skb] = (seen[0], event.t_ns, seen[2])
         if len(self.last_seen) > 65536:  # skbs whose end was not seen
             self._forget_idle(event.t_ns)
-        return number, new
+        return seen[0], new
 
     def _forget_idle(self, now_ns: int) -> None:
-        for skb, (_number, t_ns) in list(self.last_seen.items()):
+        for skb, (_number, t_ns, _points) in list(self.last_seen.items()):
             if now_ns - t_ns > PACKET_IDLE_NS:
                 del self.last_seen[skb]
 
 
+# Event fields as a --json line shows them, in order, under their JSON names.
+_JSON_FIELDS = tuple(
+    (name, "event" if name == "kind" else name)
+    for name in Event.__dataclass_fields__
+    if name not in ("skb", "extra")
+)
+_ALWAYS = frozenset({"kind", "t_ns", "netns"})
+
+
 def hop_record(event: Event, packet: int) -> dict[str, Any]:
-    """One hop as a JSON-ready dict (the --json line, without empty fields)."""
+    """One hop as a JSON-ready dict (the --json line, without empty fields).
+
+    Read field by field: Event.to_dict() goes through dataclasses.asdict,
+    which deep-copies every value and took two thirds of the watch's time
+    under a flood (cProfile, `make bench` capacity run).
+    """
     record: dict[str, Any] = {"packet": packet}
-    record.update(event.to_dict())
-    record.pop("skb", None)
-    record["event"] = record.pop("kind")
+    for name, key in _JSON_FIELDS:
+        value = getattr(event, name)
+        if value or (name in _ALWAYS and value is not None):
+            record[key] = value
+    if event.icmp_type is not None:
+        record["icmp_type"], record["icmp_code"] = event.icmp_type, event.icmp_code
+    if event.extra:
+        record.update(event.extra)
     if event.proto:
         record["proto"] = PROTOCOL_NAMES.get(event.proto, event.proto)
     return record
@@ -191,18 +223,24 @@ def _transport(event: Event) -> str:
 class Printer:
     """Writes hops, lost counts and the summary as text or JSON lines."""
 
-    def __init__(self, out: TextIO, as_json: bool) -> None:
+    def __init__(self, out: TextIO, as_json: bool, netns: str | None = None) -> None:
         self.out = out
         self.as_json = as_json
+        # The kernel filters devices and hooks by namespace; route lookups
+        # and frees are tied to the flow by address and time only, so other
+        # namespaces' ones are dropped here.
+        self.netns = netns
         self.grouper = Grouper()
         self.lost = 0
 
     def hops(self, events: Iterable[Event]) -> None:
         lines = []
         for event in events:
+            if self.netns and event.netns != self.netns:
+                continue
             packet, new = self.grouper.packet_of(event)
             if self.as_json:
-                lines.append(json.dumps(hop_record(event, packet)))
+                lines.append(_encode(hop_record(event, packet)))
             else:
                 if new:
                     lines.append(f"packet #{packet}")
@@ -250,8 +288,9 @@ def watch(
     """Trace matching packets until Ctrl-C (or *duration_s*); return the summary."""
     from tracer.probes import MODE_WATCH, Decoder, Probes
 
-    printer = Printer(out, as_json)
+    printer = Printer(out, as_json, chosen.netns)
     probes = Probes()
+    probes.poll_budget = POLL_BUDGET
     started = time.monotonic()
     try:
         probes.link_netfilter(_namespaces(chosen))

@@ -1,0 +1,223 @@
+"""`nstrace watch`: filters, packet numbering, lines, and a live run in the lab."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+
+import pytest
+
+from reliability.leftovers import kill_quietly, start
+from tracer.errors import UsageError
+from tracer.events import FREE, HOOK, IPPROTO_TCP, IPPROTO_UDP, ROUTE, RX, TX, Event
+from tracer.watch import (
+    PACKET_IDLE_NS,
+    Filter,
+    Grouper,
+    Printer,
+    hop_record,
+    hop_text,
+    parse_filter,
+)
+
+
+def event(kind: str = RX, t_ns: int = 1_000, skb: int = 0xA0, **fields) -> Event:
+    base = {"netns": "host", "dev": "reth1", "src": "11.11.11.2", "dst": "11.11.11.3"}
+    return Event(kind=kind, t_ns=t_ns, skb=skb, **{**base, **fields})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, Filter()),
+        ({"host": "8.8.8.8"}, Filter(host="8.8.8.8")),
+        ({"proto": "UDP", "port": 53}, Filter(proto=IPPROTO_UDP, port=53)),
+        ({"proto": "tcp"}, Filter(proto=IPPROTO_TCP)),
+        ({"netns_name": "root"}, Filter(netns="root")),
+    ],
+)
+def test_parse_filter(kwargs, expected):
+    assert parse_filter(**kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"host": "8.8.8"}, "is not an IPv4 address"),
+        ({"host": "::1"}, "IPv4 only"),
+        ({"proto": "sctp"}, "unknown protocol"),
+        ({"port": 0}, "out of range"),
+        ({"port": 65536}, "out of range"),
+        ({"proto": "icmp", "port": 7}, "ICMP has no ports"),
+        ({"netns_name": "RED;id"}, "not a valid namespace name"),
+    ],
+)
+def test_parse_filter_refuses(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        parse_filter(**kwargs)
+
+
+def test_filter_describes_itself():
+    assert Filter().describe() == "every IPv4 packet"
+    chosen = Filter(netns="RED", host="8.8.8.8", proto=IPPROTO_UDP, port=53)
+    assert chosen.describe() == "netns RED host 8.8.8.8 udp port 53"
+
+
+def test_one_skb_is_one_packet_across_namespaces():
+    grouper = Grouper()
+    hops = [
+        event(TX, 1, netns="RED", dev="reth0"),
+        event(RX, 2),
+        event(HOOK, 3, hook="FORWARD", stage="first"),
+        event(HOOK, 4, hook="FORWARD", stage="last"),
+        event(TX, 5, dev="beth1"),
+    ]
+    numbers = [grouper.packet_of(hop) for hop in hops]
+    assert numbers == [(1, True)] + [(1, False)] * 4
+
+
+def test_a_reused_skb_address_is_a_new_packet():
+    grouper = Grouper()
+    assert grouper.packet_of(event(RX, 1)) == (1, True)
+    assert grouper.packet_of(event(TX, 2, dev="beth1")) == (1, False)
+    # Consumed unseen; the next packet of the flood gets the same memory.
+    assert grouper.packet_of(event(RX, 3)) == (2, True)
+    # A freed skb is forgotten; so is one not seen for a while.
+    assert grouper.packet_of(event(FREE, 4, reason="NETFILTER_DROP")) == (2, False)
+    assert grouper.packet_of(event(TX, 5, dev="beth1")) == (3, True)
+    assert grouper.packet_of(event(RX, 6 + PACKET_IDLE_NS, dev="x")) == (4, True)
+    assert (grouper.packets, grouper.events) == (4, 6)
+
+
+def test_route_lookups_belong_to_the_packet_seen_last():
+    grouper = Grouper()
+    grouper.packet_of(event(RX, 1, skb=0xA0))
+    grouper.packet_of(event(RX, 2, skb=0xB0))
+    assert grouper.packet_of(event(ROUTE, 3, skb=0)) == (2, False)
+
+
+def test_hop_line_and_record():
+    hop = event(
+        HOOK,
+        7,
+        hook="POSTROUTING",
+        stage="last",
+        proto=IPPROTO_UDP,
+        sport=40000,
+        dport=53,
+        src="10.0.2.15",
+        dst="8.8.8.8",
+    )
+    line = hop_text(hop, 12)
+    assert line.split() == [
+        "#12",
+        "host",
+        "hook",
+        "reth1",
+        "POSTROUTING/last",
+        "10.0.2.15",
+        ">",
+        "8.8.8.8",
+        "udp",
+        "40000",
+        ">",
+        "53",
+    ]
+    record = hop_record(hop, 12)
+    assert record == {
+        "packet": 12,
+        "event": "hook",
+        "t_ns": 7,
+        "netns": "host",
+        "dev": "reth1",
+        "hook": "POSTROUTING",
+        "stage": "last",
+        "src": "10.0.2.15",
+        "dst": "8.8.8.8",
+        "proto": "udp",
+        "sport": 40000,
+        "dport": 53,
+    }
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_a_drop_says_why():
+    hop = event(FREE, 9, reason="NETFILTER_DROP", proto=1, icmp_type=0, icmp_code=0)
+    assert hop_text(hop, 1).endswith("freed: NETFILTER_DROP")
+    assert hop_record(hop, 1)["reason"] == "NETFILTER_DROP"
+
+
+def test_printer_text_groups_and_counts_losses_as_they_grow():
+    out = io.StringIO()
+    printer = Printer(out, as_json=False)
+    printer.hops([event(RX, 1), event(TX, 2, dev="beth1")])
+    printer.lost_count(0)
+    printer.lost_count(5)
+    printer.lost_count(5)
+    printer.lost_count(9)
+    summary = printer.summary(1.5)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "packet #1"
+    assert lines[1].lstrip().startswith("#1") and lines[2].lstrip().startswith("#1")
+    assert lines[3:5] == [
+        "-- 5 events lost so far (ring buffer full)",
+        "-- 9 events lost so far (ring buffer full)",
+    ]
+    assert lines[5] == "watched 1 packets, 2 events, 9 lost, in 1.5 s"
+    assert summary["lost_events"] == 9
+
+
+def test_printer_json_is_one_object_per_line():
+    out = io.StringIO()
+    printer = Printer(out, as_json=True)
+    printer.hops([event(RX, 1)])
+    printer.lost_count(3)
+    printer.summary(0.25)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines[0]["packet"] == 1 and lines[0]["event"] == "rx"
+    assert lines[1] == {"lost_events": 3}
+    assert lines[2] == {
+        "summary": True,
+        "packets": 1,
+        "events": 1,
+        "lost_events": 3,
+        "seconds": 0.25,
+    }
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_watch_in_one_namespace_sees_a_ping_there_only(lab):
+    lab.goto(7)
+    child = start(
+        "watch", "--netns", "host", "--host", "11.11.11.3", "--proto", "icmp", "--json"
+    )
+    try:
+        assert child.stderr.readline().startswith("watching netns host")
+        assert lab.ping("RED", "11.11.11.3") == "reply"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+    finally:
+        kill_quietly(child)
+    assert child.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    hops = [line for line in lines if "event" in line and line["event"] != "neigh"]
+    assert {hop["netns"] for hop in hops} == {"host"}, [
+        h for h in hops if h["netns"] != "host"
+    ]
+    request = [h for h in hops if h.get("icmp_type") == 8]
+    reply = [h for h in hops if h.get("icmp_type") == 0]
+    assert request and reply
+    # The request and the reply are different packets, each numbered once.
+    assert {h["packet"] for h in request}.isdisjoint({h["packet"] for h in reply})
+    assert ("FORWARD", "first") in {(h.get("hook"), h.get("stage")) for h in request}
+    assert lines[-1]["summary"] is True and lines[-1]["lost_events"] == 0
+
+
+def test_printer_keeps_only_the_chosen_namespace():
+    out = io.StringIO()
+    printer = Printer(out, as_json=True, netns="host")
+    printer.hops([event(ROUTE, 1, netns="BLUE", skb=0), event(RX, 2)])
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["netns"] for line in lines] == ["host"]
