@@ -369,7 +369,8 @@ def _misrouted_finding(
         "misrouted",
         netns,
         f"the route lookup in {netns} for {target} chose {chose} "
-        f"({_route_text(hop)}) because {why}; {target} is behind {link}",
+        f"({_snapshot_route(route) if route else _route_text(hop)}) because "
+        f"{why}; {target} is behind {link}",
         [
             f"route lookup in {netns}: {_route_text(hop)}",
             (
@@ -786,6 +787,27 @@ def _unanswered(
     asked: str,
 ) -> Finding:
     """Why *wanted* does not answer on *dev*, as far as the snapshot tells."""
+    finding = _why_unanswered(ctx, i, netns, dev, wanted, source, asked)
+    state = ctx.ns(netns)
+    for entry in state.neighbours if state else []:
+        if (entry.dev, entry.addr) == (dev, wanted):
+            finding.evidence.insert(
+                1,
+                f"{netns}'s neighbour entry for {wanted} before the probe: "
+                f"{entry.state}",
+            )
+    return finding
+
+
+def _why_unanswered(
+    ctx: _Context,
+    i: int,
+    netns: str,
+    dev: str,
+    wanted: str | None,
+    source: str | None,
+    asked: str,
+) -> Finding:
     owner = ctx.snapshot.owner(wanted) if wanted else None
     if owner is None:
         return _nobody_has(ctx, i, netns, dev, wanted, asked)

@@ -432,3 +432,16 @@ def test_predicted_drop_is_certain_or_none(policy, rules, packet, drops):
 
     state = chain_state(policy, *rules)
     assert (_predict_drop(state, "FORWARD", packet) is not None) is drops
+
+
+def test_a_failed_neighbour_entry_in_the_snapshot_is_evidence():
+    from tracer.snapshot import Neighbour
+
+    result, snapshot = load("nobody-has")
+    snapshot.ns("nh-pc").neighbours.append(
+        Neighbour("nh-pc", "pc0", "10.66.1.99", "FAILED")
+    )
+    cause = explain(result, snapshot)[0]
+    assert cause["evidence"][1] == (
+        "nh-pc's neighbour entry for 10.66.1.99 before the probe: FAILED"
+    )
