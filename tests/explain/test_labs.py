@@ -384,3 +384,28 @@ def test_fixed_lab_replies_without_cause_or_drop(built, name, step, probe):
     assert result["outcome"] == "reply"
     assert result["causes"] == []
     assert result["drop"] is None
+
+
+TUTORIAL_REPLIES = [
+    (step.number, probe)
+    for step in scenario.load(ROOT / TUTORIAL).steps
+    for probe in step.probes[:1]
+    if probe.expect.get("outcome") == "reply"
+]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "step,probe", TUTORIAL_REPLIES, ids=[f"step{s}" for s, _ in TUTORIAL_REPLIES]
+)
+def test_tutorial_replies_have_no_cause_and_a_snapshot(built, step, probe):
+    built(TUTORIAL, step)
+    result = nstrace_json(probe.src, probe.dst)
+    assert result["outcome"] == "reply"
+    assert result["causes"] == []
+    assert result["drop"] is None
+    # The snapshot summary covers every lab namespace, with what it saw.
+    spaces = result["snapshot"]["namespaces"]
+    assert set(spaces) >= {"host", "RED", "BLUE", "internet"}
+    assert spaces["host"]["ip_forward"] == 1
+    assert "11.11.11.2/24 dev reth0" in spaces["RED"]["addresses"]
