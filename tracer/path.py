@@ -623,23 +623,25 @@ def _add_rules(hop: dict[str, Any], rules: list[dict[str, Any]] | None) -> None:
 
 def _drop_rule(
     steps: list[_Step], index: int, attached: dict[int, list[dict[str, Any]]]
-) -> dict[str, Any] | None:
-    """The rule or policy that dropped the packet freed at steps[index]."""
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The rule or policy that dropped the packet freed at steps[index].
+
+    With it, the hook of a bridge-family drop (the IPv4 hooks the probes
+    saw do not contain it), or None.
+    """
     hook_step = _drop_hook(steps, index)
     rules = attached.get(id(hook_step), []) if hook_step is not None else []
     if any(r.get("verdict") == "drop" for r in rules):
-        return _deciding_rule(rules)
+        return _deciding_rule(rules), None
     # A bridge-family drop: the bridge hop of the same packet before the free.
     free = steps[index]
     for step in reversed(steps[:index]):
-        rule = step.event.extra.get("rule") if step.event.kind == ev.BRIDGE else None
-        if (
-            rule
-            and rule.get("verdict") == "drop"
-            and step.event.netns == free.event.netns
-        ):
-            return copy.deepcopy(rule)
-    return None
+        e = step.event
+        rule = e.extra.get("rule") if e.kind == ev.BRIDGE else None
+        same_packet = e.netns == free.event.netns and step.dir == free.dir
+        if rule and rule.get("verdict") == "drop" and same_packet:
+            return copy.deepcopy(rule), e.hook
+    return None, None
 
 
 # ---- outcome ---------------------------------------------------------------
@@ -736,7 +738,9 @@ def assemble(
             step.event, step.dir, probe, replied_at
         ):
             record = _drop_record(steps, i)
-            record["rule"] = _drop_rule(steps, i, attached)
+            record["rule"], bridge_hook = _drop_rule(steps, i, attached)
+            if bridge_hook is not None:
+                record["hook"] = bridge_hook
             hop["event"], hop["hook"] = "drop", record["hook"]
             # An ICMP error the kernel made about the probe (host unreachable
             # after a failed ARP) may be freed just before the probe itself

@@ -346,9 +346,10 @@ def _dropped_text(drop: dict[str, Any]) -> str:
     if rule:
         # The rule names the cause better than the reason (NETFILTER_DROP).
         by = "policy" if rule.get("policy") else "rule"
+        family = "" if rule.get("family") == "ip" else f"{rule.get('family')} "
         return (
             f"dropped {place}, {drop['dir']} direction, "
-            f"by {rule.get('table')} {rule.get('chain')} {by}"
+            f"by {family}{rule.get('table')} {rule.get('chain')} {by}"
         )
     return f"dropped {place} ({drop.get('reason') or 'no reason'}), {drop['dir']} direction"
 

@@ -645,6 +645,11 @@ def _bridge_time(c: Crossing, events: Sequence[Event], after: int) -> int:
         anchor = first(device(ev.TX, c.oif))
         if anchor is not None:
             return anchor.t_ns - 2
+    # No anchor (the frame died in this hook): just before the drop seen in
+    # this namespace, after the IPv4 hook br_netfilter called before it.
+    free = first(lambda e: e.kind == ev.FREE and e.netns == c.netns)
+    if free is not None:
+        return free.t_ns - 1
     return after + 1 if after else (events[-1].t_ns + 1 if events else 0)
 
 

@@ -150,3 +150,29 @@ def test_outcome_line_names_the_chain_and_policy():
     )
     line = render.outcome_line(replay("step6-rule-drop")).plain
     assert line.endswith("by filter FORWARD rule")
+
+
+def test_a_bridge_family_drop_is_placed_at_its_bridge_hook():
+    # recording-step0-bridge-drop.json: step 0 with a bridge-family table
+    # `filter`, chain `forward` (priority 0), rule `ip daddr 11.11.11.3 drop`.
+    result = replay("step0-bridge-drop")
+    assert result.outcome == "dropped"
+    assert result.drop is not None
+    assert (result.drop["netns"], result.drop["hook"]) == ("host", "FORWARD")
+    assert result.drop["rule"] == {
+        "family": "bridge",
+        "table": "filter",
+        "chain": "forward",
+        "policy": False,
+        "verdict": "drop",
+        "text": "ip daddr 11.11.11.3 drop",
+    }
+    hits = [(h["family"], h["hook"]) for h in result.hooks_hit if h["netns"] == "host"]
+    # br_netfilter ran the IPv4 PREROUTING hook before the bridge forwarded.
+    assert hits == [
+        ("bridge", "PREROUTING"),
+        ("ip", "PREROUTING"),
+        ("bridge", "FORWARD"),
+    ]
+    line = render.outcome_line(result).plain
+    assert line.endswith("by bridge filter forward rule")
