@@ -282,7 +282,7 @@ def walk(
     on_step: Callable[[Step], None] | None = None,
     keep: bool = False,
 ) -> Iterator[ProbeRun]:
-    """Build the lab, then step by step trace and judge every probe.
+    """Build the lab afresh, then step by step trace and judge every probe.
 
     *on_step* is called once a step is applied, before its probes. The lab
     comes down at the end (also on an error or an abandoned iteration)
@@ -290,6 +290,9 @@ def walk(
     """
     last: dict[tuple[Any, ...], tuple[int, TraceResult]] = {}
     try:
+        # From a fresh build: a lab left up by `nstrace lab up` may have been
+        # changed by hand since, and would judge the scenario on other rules.
+        lab.down()
         for step in chosen.steps:
             lab.goto(chosen, step.number)
             settle(chosen.namespaces)
