@@ -20,7 +20,9 @@ def lab(args: argparse.Namespace) -> int:
         return lab_run(args)
     if args.lab_command == "down":
         removed = lab_module.down()
-        print(f"removed namespaces: {' '.join(removed)}" if removed else "no lab was up")
+        print(
+            f"removed namespaces: {' '.join(removed)}" if removed else "no lab was up"
+        )
         return 0
     if args.lab_command == "status":
         status = lab_module.status()
@@ -81,7 +83,9 @@ def _show_step(console: Console, step: scenario.Step) -> None:
 
 def _demo_probe(console: Console, probe: scenario.Probe) -> int:
     """Trace one probe; 1 if its outcome is not what the scenario expects."""
-    console.print(f"$ nstrace ping {probe.src} {probe.dst}", style="bold", highlight=False)
+    console.print(
+        f"$ nstrace ping {probe.src} {probe.dst}", style="bold", highlight=False
+    )
     result = check.trace_probe(probe)
     render.render_text(result, console)
     failed = [v for v in check.evaluate(probe.expect, result) if not v.held]
@@ -101,8 +105,12 @@ def lab_run(args: argparse.Namespace) -> int:
     console = render.console()
     chosen = scenario.load(args.scenario)
     runs = []
-    walk = check.walk(chosen, args.timeout, on_step=None if args.json else (
-        lambda step: _show_step(console, step)), keep=args.keep)
+    walk = check.walk(
+        chosen,
+        args.timeout,
+        on_step=None if args.json else (lambda step: _show_step(console, step)),
+        keep=args.keep,
+    )
     from tracer import report
 
     collector = report.Collector(chosen) if args.report else None
@@ -112,16 +120,23 @@ def lab_run(args: argparse.Namespace) -> int:
             collector.add(run)  # now, while the lab stands at the run's step
         if args.json:
             continue
-        console.print(f"$ nstrace ping {run.probe.src} {run.probe.dst}",
-                      style="bold", highlight=False)
+        console.print(
+            f"$ nstrace ping {run.probe.src} {run.probe.dst}",
+            style="bold",
+            highlight=False,
+        )
         console.print(render.outcome_line(run.result))
         since = f"step {run.previous_step}"
         diff.render_changes(run.diff(), console, since)
         for verdict in run.verdicts:
             style = "green" if verdict.held else "bold red"
             mark = "holds" if verdict.held else f"FAILED, saw {verdict.seen}"
-            console.print(f"  expect {verdict.key} {verdict.expected}: {mark}",
-                          style=style, highlight=False, soft_wrap=True)
+            console.print(
+                f"  expect {verdict.key} {verdict.expected}: {mark}",
+                style=style,
+                highlight=False,
+                soft_wrap=True,
+            )
         console.print()
     if args.json:
         print(json.dumps([_run_json(run) for run in runs], indent=2))
@@ -135,8 +150,12 @@ def _run_json(run: check.ProbeRun) -> dict:
     return {
         "step": run.step.number,
         "title": run.step.title,
-        "probe": {"from": run.probe.src, "to": run.probe.dst,
-                  "proto": run.probe.proto, "port": run.probe.port},
+        "probe": {
+            "from": run.probe.src,
+            "to": run.probe.dst,
+            "proto": run.probe.proto,
+            "port": run.probe.port,
+        },
         "outcome": run.result.outcome,
         "expectations": [vars(v) for v in run.verdicts],
         "previous_step": run.previous_step,
@@ -175,4 +194,3 @@ def diff_results(args: argparse.Namespace) -> int:
     console.print(render.outcome_line(after))
     diff.render_changes(change, console, args.before)
     return 0 if change.unchanged else 1
-
