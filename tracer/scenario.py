@@ -216,7 +216,7 @@ _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 def _parse(path: Path, raw: bytes) -> Any:
     try:
-        return yaml.load(raw, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(raw, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
