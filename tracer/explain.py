@@ -881,6 +881,11 @@ def _nobody_has(
         f"no namespace in play has {wanted}",
         f"addresses on the segment of {dev}: {', '.join(present) or 'none'}",
     ]
+    if not _segment_closed(ctx, netns, dev):
+        evidence.append(
+            f"the segment of {dev} reaches beyond the namespaces nstrace can "
+            f"see: whoever should have {wanted} there did not answer"
+        )
     fix = None
     state = ctx.ns(netns)
     route = state.lookup(ctx.probe.dst) if state else None
@@ -894,7 +899,12 @@ def _nobody_has(
         i,
         "neigh-failed",
         netns,
-        asked + f": nobody in the lab has {wanted}",
+        asked
+        + (
+            f": nobody in the lab has {wanted}"
+            if _segment_closed(ctx, netns, dev)
+            else f": no namespace nstrace can see has {wanted}"
+        ),
         evidence,
         fix,
     )
@@ -989,6 +999,26 @@ def _is_reset(flags: Any) -> bool:
 # ---- unknown ---------------------------------------------------------------
 
 
+def _segment_closed(ctx: _Context, netns: str, dev: str | None) -> bool:
+    """Whether every link that hears *dev* is in the snapshot.
+
+    A veth whose peer is known, a bridge or a loopback keeps the segment
+    inside the namespaces in play; a physical NIC, or a veth whose peer lives
+    in a namespace nstrace was not asked about, opens it to the unknown.
+    """
+    if not dev:
+        return False
+    for node in ctx.snapshot.segment(netns, dev) or {(netns, dev)}:
+        link = ctx.snapshot.link(*node)
+        if link is None:
+            return False
+        if link.kind not in ("bridge", "loopback") and not (
+            link.kind == "veth" and link.peer
+        ):
+            return False
+    return True
+
+
 def _unknown(ctx: _Context) -> Finding:
     last = ctx.hops[-1] if ctx.hops else None
     evidence = []
@@ -1004,7 +1034,13 @@ def _unknown(ctx: _Context) -> Finding:
             f"dropped in {drop['netns']} ({drop.get('reason')}) at "
             f"{drop.get('hook') or drop.get('dev') or '?'}"
         )
-    if ctx.result.outcome == "no-reply":
+    sent = [h for h in ctx.hops if h.get("event") == "tx" and h.get("dir") == "request"]
+    if sent and not _segment_closed(ctx, sent[-1]["netns"], sent[-1].get("dev")):
+        evidence.append(
+            f"the request left {sent[-1]['netns']} through {sent[-1].get('dev')}, "
+            "beyond the namespaces nstrace can see; no answer came back from there"
+        )
+    elif ctx.result.outcome == "no-reply":
         evidence.append("no drop was seen: the packet may have left the lab")
     netns = last["netns"] if last else ctx.probe.src_netns
     return Finding(
@@ -1084,6 +1120,8 @@ def _walk_one(
         broken_l2 = path is None or any(
             not ctx.snapshot.link(*n).admin_up for n in path
         )
+        if owner is None and not _segment_closed(ctx, netns, route.dev):
+            return []  # the next hop is beyond what nstrace can see
         if owner is None or broken_l2:
             asked = f"{netns} would ask for {nexthop} on {route.dev} (ARP)"
             return [_unanswered(ctx, at, netns, route.dev or "?", nexthop, None, asked)]

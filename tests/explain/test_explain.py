@@ -445,3 +445,28 @@ def test_a_failed_neighbour_entry_in_the_snapshot_is_evidence():
     assert cause["evidence"][1] == (
         "nh-pc's neighbour entry for 10.66.1.99 before the probe: FAILED"
     )
+
+
+def test_a_probe_that_left_through_a_physical_nic_is_unknown_not_guessed():
+    # A real VM: eth0 has no veth peer, the gateway is outside any namespace.
+    snapshot = Snapshot(
+        {
+            "root": parse_namespace(
+                "root",
+                {
+                    "links": [link(2, "eth0")],
+                    "addresses": [addr("eth0", "10.0.2.15", 24)],
+                    "routes": [
+                        {"dst": "10.0.2.0/24", "dev": "eth0"},
+                        {"dst": "default", "gateway": "10.0.2.2", "dev": "eth0"},
+                    ],
+                },
+            ),
+        }
+    )
+    sent = hop("root", "tx", dev="eth0", src="10.0.2.15", dst="198.51.100.9")
+    probe = Probe(src_netns="root", dst="198.51.100.9", src="10.0.2.15")
+    result = TraceResult(probe=probe, outcome="no-reply", hops=[sent])
+    (cause,) = explain(result, snapshot)
+    assert cause["code"] == "unknown"
+    assert "beyond the namespaces nstrace can see" in cause["evidence"][-1]
