@@ -81,22 +81,54 @@ def reached(result: TraceResult) -> list[tuple[str, str]]:
     """(netns, dir) for every namespace each direction was seen in, in order."""
     found: dict[tuple[str, str], None] = {}
     for hop in result.hops:
-        if hop.get("netns") and hop.get("dir"):
+        if hop.get("netns") and hop.get("dir") and not _unnamed(hop["netns"]):
             found[(hop["netns"], hop["dir"])] = None
     return list(found)
+
+
+def _unnamed(netns: str) -> bool:
+    # The decoder calls a namespace it cannot name "netns:INODE" (probes.py):
+    # one outside the lab, such as another lab's route lookup for the same
+    # address seen while tracing. Not a place the probe went.
+    return netns.startswith("netns:")
 
 
 def nat_key(entry: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(entry.get(k) for k in ("netns", "hook", "dir", "field", "from", "to"))
 
 
-def describe_nat(entry: dict[str, Any]) -> str:
-    """``host POSTROUTING rewrites the request's source 11.11.11.2 -> 10.0.2.15``."""
+def describe_nat(entry: dict[str, Any], hops: list[dict[str, Any]] = ()) -> str:
+    """``host POSTROUTING rewrites the request's source 11.11.11.2 -> 10.0.2.15``.
+
+    With the trace's *hops*, it says who did it: the nat rule that rule
+    attribution saw at that hook, or conntrack for a reply.
+    """
     what = "source" if entry.get("field") == "src" else "destination"
-    return (
+    text = (
         f"{entry.get('netns')} {entry.get('hook')} rewrites the {entry.get('dir')}'s "
         f"{what} {entry.get('from')} -> {entry.get('to')}"
     )
+    by = _nat_author(entry, hops)
+    return f"{text} ({by})" if by else text
+
+
+def _nat_author(entry: dict[str, Any], hops: list[dict[str, Any]]) -> str | None:
+    # Only a connection's first packet goes through the nat table's chains
+    # (Documentation/networking/nf_conntrack-sysctl.rst; iptables-extensions
+    # "nat" table): a rewrite of a reply is conntrack undoing the request's.
+    if entry.get("dir") == "reply":
+        return "conntrack, reversing the request's NAT" if hops else None
+    for hop in hops:
+        rule = hop.get("rule") or {}
+        if (
+            hop.get("event") == "hook"
+            and (hop.get("netns"), hop.get("hook"), hop.get("dir"))
+            == (entry.get("netns"), entry.get("hook"), entry.get("dir"))
+            and rule.get("table") == "nat"
+            and rule.get("text")
+        ):
+            return rule["text"]
+    return None
 
 
 def describe_drop(drop: dict[str, Any]) -> str:
@@ -106,7 +138,11 @@ def describe_drop(drop: dict[str, Any]) -> str:
         where += f" {drop['hook']}"
     elif drop.get("dev"):
         where += f" on {drop['dev']}"
-    return f"{where}, {drop.get('dir')} direction ({drop.get('reason') or 'no reason'})"
+    why = drop.get("reason") or "no reason"
+    rule = drop.get("rule") or {}
+    if rule.get("text"):
+        why += f", {rule['text']}"
+    return f"{where}, {drop.get('dir')} direction ({why})"
 
 
 def describe_cause(cause: dict[str, Any]) -> str:
@@ -155,8 +191,9 @@ class TraceDiff:
         lines += [f"no longer crosses {c}" for c in self.crossed_gone]
         lines += [f"the {d} now reaches {ns}" for ns, d in self.reached_new]
         lines += [f"the {d} no longer reaches {ns}" for ns, d in self.reached_gone]
-        lines += [f"NAT appeared: {describe_nat(e)}" for e in self.nat_new]
-        lines += [f"NAT vanished: {describe_nat(e)}" for e in self.nat_gone]
+        after, before = self.after.hops, self.before.hops
+        lines += [f"NAT appeared: {describe_nat(e, after)}" for e in self.nat_new]
+        lines += [f"NAT vanished: {describe_nat(e, before)}" for e in self.nat_gone]
         lines += [f"cause gone: {describe_cause(c)}" for c in self.causes_gone]
         lines += [f"new cause: {describe_cause(c)}" for c in self.causes_new]
         return lines
@@ -319,7 +356,7 @@ def summary_lines(result: TraceResult) -> list[str]:
         names = [ns for ns, d in reached(result) if d == direction]
         if names:
             lines.append(f"the {direction} went through {' -> '.join(names)}")
-    lines += [describe_nat(entry) for entry in result.nat]
+    lines += [describe_nat(entry, result.hops) for entry in result.nat]
     if result.drop:
         lines.append(f"dropped at {describe_drop(result.drop)}")
     lines += [f"cause: {describe_cause(c)}" for c in result.causes]

@@ -102,7 +102,11 @@ def test_lab_run_tells_the_tutorial_by_its_traces():
         "NAT appeared: host POSTROUTING rewrites the request's source "
         "11.11.11.2 -> 10.0.2.15"
     ) in step6
-    assert "now dropped at host FORWARD, reply direction (NETFILTER_DROP)" in step6
+    assert (
+        "NAT appeared: host POSTROUTING rewrites the request's source 11.11.11.2 -> "
+        "10.0.2.15 (-A POSTROUTING -s 11.11.11.0/24 -j MASQUERADE)"
+    ) in step6
+    assert "now dropped at host FORWARD, reply direction (NETFILTER_DROP" in step6
 
     # 6 -> 7: the reply now crosses the host's FORWARD and reaches RED.
     step7 = steps[7].split("$ nstrace ping BLUE")[0]

@@ -151,3 +151,11 @@ def test_nstrace_diff_missing_file_and_different_probes(tmp_path: Path):
     done = nstrace("diff", good, save(tmp_path, "other.json", other))
     assert done.returncode == 2
     assert "different probes" in done.stderr
+
+
+def test_namespaces_nstrace_cannot_name_are_not_reached():
+    result = recorded(7)
+    stray = {**result.hops[0], "netns": "netns:4026532311", "dir": "request"}
+    assert ("netns:4026532311", "request") not in diff.reached(
+        replace(result, hops=[*result.hops, stray])
+    )
