@@ -139,8 +139,9 @@ def explain(result: Any, snapshot: Snapshot | None) -> list[dict[str, Any]]:
     for rule in RULES:
         try:
             findings.extend(rule(ctx))
-        except Exception:  # one confused rule must not hide the others
-            log.exception("explain rule %s failed", rule.__name__)
+        except Exception as exc:  # one confused rule must not hide the others
+            log.warning("explain rule %s failed: %s", rule.__name__, exc)
+            log.debug("explain rule %s", rule.__name__, exc_info=True)
     ordered = _order(findings)
     if not ordered:
         ordered = [_unknown(ctx)]

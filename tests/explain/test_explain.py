@@ -470,3 +470,16 @@ def test_a_probe_that_left_through_a_physical_nic_is_unknown_not_guessed():
     (cause,) = explain(result, snapshot)
     assert cause["code"] == "unknown"
     assert "beyond the namespaces nstrace can see" in cause["evidence"][-1]
+
+
+def test_a_failing_rule_does_not_hide_the_others(monkeypatch, caplog):
+    from tracer import explain as module
+
+    def broken(ctx):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(module, "RULES", (broken, *module.RULES))
+    result, snapshot = load("tutorial-step3")
+    (cause,) = explain(result, snapshot)
+    assert cause["code"] == "no-route"
+    assert "explain rule broken failed" in caplog.text
