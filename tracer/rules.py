@@ -24,7 +24,13 @@ traced too.
 2. **Listen.** The kernel builds trace messages only when the packet's own
    namespace has a listener on the group (nfnetlink_has_listeners in
    net/netfilter/nf_tables_trace.c), so one socket is opened in each
-   namespace, before the tables exist.
+   namespace, before the tables exist. Messages are sent while the packet
+   is processed, so once the probes have seen the verdict, the messages
+   about it are already queued: they are read after collection.
+
+   Cost, measured on the lab (5 namespaces, kernel 6.18): 12-40 ms to make
+   the tables and listeners, 9-12 ms to read the rulesets back, 10-15 ms to
+   release the tables (RCU grace periods, waited for side by side).
 
 3. **Parse.** Messages carry ``NFTA_TRACE_*`` attributes
    (include/uapi/linux/netfilter/nf_tables.h). The first message of each
@@ -36,7 +42,8 @@ traced too.
    tool may trace too).
 
 4. **Name.** Each base chain's hook, each rule's position and text come from
-   the namespace's ruleset (libnftables, JSON and text with handles); rules
+   the namespace's ruleset, listed as text with handles through the same
+   libnftables context (see :func:`index_ruleset` for why not JSON); rules
    of iptables-nft tables are shown in iptables syntax from `iptables-save`
    when the chain's rules line up one for one.
 
@@ -398,7 +405,7 @@ class Ruleset:
     order: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
     # (family, table, handle) -> nft syntax
     text: dict[tuple[str, str, int], str] = field(default_factory=dict)
-    # iptables-save: table -> chain -> ["-A ..." lines], and chain policies
+    # iptables-save: table -> chain -> its "-A ..." lines, in order
     iptables: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def rule_text(self, family: str, table: str, chain: str, handle: int) -> str:
