@@ -192,3 +192,62 @@ def test_tables_live_exactly_as_long_as_the_tracer(lab):
     finally:
         tracer.close()
     assert own_tables(lab) == {}
+
+
+def test_drop_in_a_user_chain_and_policy_after_a_return(lab):
+    lab.goto(6)
+    lab.run("host", ["iptables", "-N", "CHECKS"])
+    lab.run("host", ["iptables", "-I", "FORWARD", "-j", "CHECKS"])
+    try:
+        lab.run(
+            "host", ["iptables", "-A", "CHECKS", "-d", "11.11.11.0/24", "-j", "DROP"]
+        )
+        dropped = ping_json("RED", "8.8.8.8")
+        lab.run("host", ["iptables", "-F", "CHECKS"])
+        lab.run("host", ["iptables", "-A", "CHECKS", "-s", "8.8.8.8", "-j", "RETURN"])
+        returned = ping_json("RED", "8.8.8.8")
+    finally:
+        lab.run("host", ["iptables", "-D", "FORWARD", "-j", "CHECKS"])
+        lab.run("host", ["iptables", "-F", "CHECKS"])
+        lab.run("host", ["iptables", "-X", "CHECKS"])
+    rule = dropped["drop"]["rule"]
+    assert (rule["chain"], rule["policy"], rule["text"]) == (
+        "CHECKS",
+        False,
+        "-A CHECKS -d 11.11.11.0/24 -j DROP",
+    )
+    assert dropped["drop"]["hook"] == "FORWARD"
+    rule = returned["drop"]["rule"]
+    assert (rule["chain"], rule["policy"], rule["text"]) == (
+        "FORWARD",
+        True,
+        "-P FORWARD DROP",
+    )
+
+
+def test_native_table_at_another_priority_in_nft_syntax(lab):
+    lab.goto(7)
+    table = ["nft", "add", "table", "ip", "guard"]
+    chain = "add chain ip guard gate { type filter hook forward priority 10; }"
+    lab.run("host", table)
+    try:
+        lab.run("host", ["nft", *chain.split()])
+        lab.run("host", ["nft", "add", "rule", "ip", "guard", "gate", "ip", "daddr",
+                         "11.11.11.2", "icmp", "type", "echo-reply", "drop"])  # fmt: skip
+        result = ping_json("RED", "8.8.8.8")
+    finally:
+        lab.run("host", ["nft", "delete", "table", "ip", "guard"])
+    assert result["outcome"] == "dropped"
+    assert result["drop"]["rule"] == {
+        "family": "ip",
+        "table": "guard",
+        "chain": "gate",
+        "policy": False,
+        "verdict": "drop",
+        "text": "ip daddr 11.11.11.2 icmp type echo-reply drop",
+    }
+    # The filter table accepted the reply first (priority 0), then guard
+    # dropped it (priority 10): the hop lists both.
+    (reply,) = hook_hops(result, "host", "FORWARD", "reply")
+    assert [r["table"] for r in reply["rules"]] == ["filter", "guard"]
+    assert reply["rule"]["table"] == "guard"
