@@ -77,12 +77,20 @@ def _drop_crossing(drop: dict[str, Any] | None) -> Crossing | None:
     return Crossing(drop["netns"], drop["hook"], drop["dir"])
 
 
+# Events that show the packet itself went through a namespace. A receive
+# alone is not enough: a bridge floods a frame to every port, and the copy
+# a namespace receives and frees as OTHERHOST never went anywhere; route and
+# neighbour events can be the kernel asking about an address, not the packet.
+_PASSAGE = frozenset({"tx", "hook", "bridge", "send", "recv", "drop"})
+
+
 def reached(result: TraceResult) -> list[tuple[str, str]]:
-    """(netns, dir) for every namespace each direction was seen in, in order."""
+    """(netns, dir) for every namespace each direction went through, in order."""
     found: dict[tuple[str, str], None] = {}
     for hop in result.hops:
-        if hop.get("netns") and hop.get("dir") and not _unnamed(hop["netns"]):
-            found[(hop["netns"], hop["dir"])] = None
+        netns, direction = hop.get("netns"), hop.get("dir")
+        if hop.get("event") in _PASSAGE and netns and direction and not _unnamed(netns):
+            found[(netns, direction)] = None
     return list(found)
 
 
