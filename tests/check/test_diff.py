@@ -159,3 +159,19 @@ def test_namespaces_nstrace_cannot_name_are_not_reached():
     assert ("netns:4026532311", "request") not in diff.reached(
         replace(result, hops=[*result.hops, stray])
     )
+
+
+def test_a_flooded_copy_is_not_a_namespace_reached():
+    result = recorded(7)
+    base = {**result.hops[0], "netns": "BLUE", "dir": "request"}
+    flooded = [
+        {**base, "event": "rx"},
+        {**base, "event": "free", "reason": "OTHERHOST"},
+    ]
+    assert ("BLUE", "request") not in diff.reached(
+        replace(result, hops=[*result.hops, *flooded])
+    )
+    sent_on = [*flooded, {**base, "event": "tx"}]
+    assert ("BLUE", "request") in diff.reached(
+        replace(result, hops=[*result.hops, *sent_on])
+    )
