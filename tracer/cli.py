@@ -156,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply steps 1..N (default: the starting point)",
     )
     run = lab_commands.add_parser(
-        "run", help="walk every step: trace its probes, show what changed"
+        "run",
+        help="walk every step: trace its probes, show what changed",
+        description="Build the scenario's lab afresh and, step by step, apply the "
+        "step, trace its probes and show what changed since the same probe's last "
+        "trace: outcome, hooks crossed, drop point, NAT, causes. The lab comes "
+        "down at the end unless --keep. Exit codes: 0 every expectation held, "
+        "1 one did not, 2 bad input.",
     )
     run.add_argument(
         "scenario",
