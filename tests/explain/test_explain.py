@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -483,3 +484,17 @@ def test_a_failing_rule_does_not_hide_the_others(monkeypatch, caplog):
     (cause,) = explain(result, snapshot)
     assert cause["code"] == "no-route"
     assert "explain rule broken failed" in caplog.text
+
+
+def test_the_explainer_source_names_nothing_of_the_tutorial():
+    import tracer.explain
+    import tracer.snapshot
+
+    for module in (tracer.explain, tracer.snapshot):
+        source = Path(module.__file__).read_text()
+        found = re.findall(
+            r"11\.11\.11|8\.8\.8\.8|10\.0\.2\.|\b(?:RED|BLUE|br0|eth0|reth[01])\b|"
+            r"\"host\"|\"internet\"",
+            source,
+        )
+        assert not found, (module.__name__, found)
