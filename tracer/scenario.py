@@ -394,6 +394,9 @@ class _Checker:
         for key, value in expect.items():
             problem = EXPECT_KEYS[key](value)
             if problem:
+                node = _item_node(value, problem)
+                if node is not None:  # a mapping in a block list: its own line
+                    raise self.fail(node, f"{what}: {key} {problem}")
                 raise self.fail(expect, f"{what}: {key} {problem}", key)
             for name in expected_namespaces(key, value):
                 if name not in self.namespaces:
@@ -404,6 +407,15 @@ class _Checker:
                         key,
                     )
         return dict(expect)
+
+
+def _item_node(value: Any, problem: str) -> Any:
+    """The list item a problem ("item N: ...") is about, if it knows its line."""
+    match = re.match(r"item (\d+):", problem)
+    if not match or not isinstance(value, list):
+        return None
+    item = value[int(match.group(1)) - 1]
+    return item if getattr(item, "line", None) else None
 
 
 def _unsafe_sysctl(argv: tuple[str, ...]) -> str | None:

@@ -158,3 +158,19 @@ def test_a_command_for_a_lab_is_checked_like_a_scenarios():
     assert command.argv == ("iptables", "-A", "FORWARD", "-j", "ACCEPT")
     with pytest.raises(UsageError, match=r"^command: `sh -c id` runs 'sh'"):
         scenario.command(tutorial, "host", "sh -c id")
+
+
+def test_a_bad_item_of_a_block_list_is_reported_at_its_own_line(tmp_path: Path):
+    nat = textwrap.indent(
+        textwrap.dedent(
+            """\
+            nat:
+              - {netns: host, field: src}
+              - {netns: host, field: sauce}"""
+        ),
+        " " * 10,
+    ).lstrip()
+    path = tmp_path / "case.yaml"
+    path.write_text(SCENARIO.replace("EXPECTATION", nat))
+    with pytest.raises(UsageError, match=r"case\.yaml:12: .*nat item 2: field 'sauce'"):
+        scenario.load(path)
