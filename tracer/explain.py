@@ -66,6 +66,8 @@ TCP_RST = 0x04
 # Codes whose packet went somewhere it should not: whatever happens to it
 # afterwards follows from them (see the top, step 3).
 DIVERTING = ("misrouted", "no-snat")
+# The error of a route lookup replayed on the snapshot, not seen in the path.
+PREDICTED = "predicted"
 
 
 @dataclass
@@ -276,10 +278,13 @@ def _no_route_finding(ctx: _Context, i: int, hop: dict[str, Any]) -> Finding:
         summary += ", so the kernel refused to send the probe"
     elif hop.get("dir") == "reply":
         summary += ", so the reply cannot be sent back"
-    evidence = [
-        f"route lookup in {netns} for {target} failed: {hop['error']}"
-        + (f" (table {hop['table']})" if hop.get("table") is not None else "")
-    ]
+    if hop.get("error") == PREDICTED:
+        evidence = [f"no route in {netns} matches {target} (read from the snapshot)"]
+    else:
+        evidence = [
+            f"route lookup in {netns} for {target} failed: {hop['error']}"
+            + (f" (table {hop['table']})" if hop.get("table") is not None else "")
+        ]
     if state is not None:
         routes = [_snapshot_route(r) for r in state.main_routes()]
         evidence.append(f"routes in {netns}: {'; '.join(routes) or 'none'}")
@@ -1090,7 +1095,7 @@ def _walk_one(
                 "netns": netns,
                 "dst": target,
                 "dir": direction,
-                "error": "no route matches (snapshot)",
+                "error": PREDICTED,
             }
             return [_no_route_finding(ctx, at, hop)]
         link = state.links.get(route.dev or "")
