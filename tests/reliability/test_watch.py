@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
+import time
 
 import pytest
 
@@ -221,3 +223,60 @@ def test_printer_keeps_only_the_chosen_namespace():
     printer.hops([event(ROUTE, 1, netns="BLUE", skb=0), event(RX, 2)])
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["netns"] for line in lines] == ["host"]
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_a_flood_past_capacity_is_counted_and_ctrl_c_still_ends_it(lab):
+    lab.goto(7)
+    port = "5298"
+    ip_exec = ["ip", "netns", "exec"]
+    server = subprocess.Popen(
+        [*ip_exec, "BLUE", "iperf3", "-s", "-1", "-B", "11.11.11.3", "-p", port],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    child = start("watch", "--proto", "udp", "--port", port, "--json")
+    try:
+        assert child.stderr.readline().startswith("watching udp port")
+        # Unlimited 64-byte datagrams for 3 s: far more than the watch can print.
+        flood = subprocess.run(
+            [
+                *ip_exec,
+                "RED",
+                "iperf3",
+                "-c",
+                "11.11.11.3",
+                "-p",
+                port,
+                "-u",
+                "-l",
+                "64",
+                "-b",
+                "0",
+                "-t",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert flood.returncode == 0, flood.stderr
+        asked = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+        took = time.monotonic() - asked
+    finally:
+        kill_quietly(child)
+        server.kill()
+        server.wait()
+    assert child.returncode == 0, err
+    assert took < 5, f"Ctrl-C took {took:.1f} s under a flood"
+    # Every line whole: Ctrl-C came while the watch was writing to a full pipe.
+    lines = [json.loads(line) for line in out.splitlines()]
+    counts = [line["lost_events"] for line in lines if list(line) == ["lost_events"]]
+    summary = lines[-1]
+    assert summary["summary"] is True and summary["lost_events"] > 0
+    # Shown as it grew, never only at the end.
+    assert counts and counts == sorted(counts) and counts[-1] == summary["lost_events"]
