@@ -23,13 +23,22 @@ gateway in a summary or a fix is read from the path or the snapshot.
    explain (link-down, not-bridged, rp-filter at the owner, or neigh-failed),
    a reset or port unreachable (no-listener).
 
-3. **Order.** The finding earliest in the path is the cause that stopped
-   this packet first. A packet sent the wrong way (misrouted, no-snat)
-   makes what happens after it a consequence, not a fact of its own, so
-   those later findings are dropped; other independent findings follow the
-   first. One cause per code and namespace.
+3. **The rest of the way.** The packet stopped at its first problem, so
+   whatever lies beyond it is read from the snapshot alone: the route
+   lookups are replayed hop by hop for the request and (without NAT) for
+   the reply, with forwarding, links, ARP reachability and the simple
+   matches of filter chains (a rule it cannot read means no prediction,
+   never a guessed drop). Nothing is claimed about a segment that leaves
+   the namespaces in play (a physical NIC).
 
-4. **Nothing found.** A failure that no rule explains is ``unknown``, with
+4. **Order.** The finding earliest in the path is the cause that stopped
+   this packet first; those of step 3 come after every finding of the
+   path. A packet sent the wrong way (misrouted, no-snat) makes what
+   happens after it a consequence, not a fact of its own, so those later
+   findings are dropped. One cause per code and namespace (per hook and
+   direction for filter drops).
+
+5. **Nothing found.** A failure that no rule explains is ``unknown``, with
    where the packet was last seen as its evidence.
 
 A probe that got its reply has no cause.
