@@ -884,6 +884,8 @@ def _why_unanswered(
 def _nobody_has(
     ctx: _Context, i: int, netns: str, dev: str, wanted: str | None, asked: str
 ) -> Finding:
+    # TODO: no command fixes "nobody has this address" when it is not a
+    # gateway's: the snapshot cannot say who was meant to have it.
     segment = ctx.snapshot.segment(netns, dev)
     present = sorted(
         f"{a.addr} ({node[0]})"
@@ -1088,6 +1090,8 @@ def _walk(ctx: _Context) -> list[Finding]:
     return found
 
 
+# TODO: policy routing (ip rule, fwmark) is not replayed: a lab that uses it
+# gets its lookups from the main tables here, and may see a false no-route.
 def _walk_one(
     ctx: _Context, start: str, target: str, direction: str, position: int
 ) -> list[Finding]:
