@@ -81,6 +81,7 @@ struct {
 } cursors SEC(".maps");
 
 #define CURSOR_FRESH_NS (5 * 1000 * 1000ULL)
+#define LOOPBACK_IFINDEX 1
 
 static __always_inline struct config *get_config(void)
 {
@@ -390,8 +391,15 @@ int BPF_PROG(on_route, __u32 table, const struct flowi4 *flp,
 	daddr = BPF_CORE_READ(flp, daddr);
 	cur = bpf_map_lookup_elem(&cursors, &zero);
 	fresh = same_flow(cur, saddr, daddr, now);
-	/* The probe's own first lookup happens in sendto(), before any skb. */
-	if (!fresh && !(cfg->dst && daddr == cfg->dst))
+	/*
+	 * The probe's own first lookup happens in sendto(), before any skb: an
+	 * output lookup (iif is the loopback device, ip_route_output_key_hash)
+	 * for the probe's destination, by a task in the probe's namespace.
+	 * Another flow's lookup for the same address fails one of the three.
+	 */
+	if (!fresh && !(cfg->dst && daddr == cfg->dst &&
+			BPF_CORE_READ(flp, __fl_common.flowic_iif) == LOOPBACK_IFINDEX &&
+			netns_of_task() == cfg->src_netns))
 		return 0;
 
 	e = reserve(KIND_ROUTE);

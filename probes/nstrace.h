@@ -45,6 +45,7 @@ struct config {
 	__u32 addr;  /* MODE_WATCH: source or destination, network order */
 	__u32 port;  /* MODE_WATCH: source or destination port */
 	__u32 netns; /* MODE_WATCH: a namespace inode, 0 for all */
+	__u32 src_netns; /* MODE_PROBE: the namespace the probe is sent from */
 };
 
 /* ---- what the programs send (ring buffer `events`) ---- */

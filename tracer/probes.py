@@ -47,7 +47,12 @@ PRIORITY_LAST = 2**31 - 2
 PRIORITY_TRIES = 64  # priorities tried inward from each edge when one is taken
 
 TRACEPOINTS = (
-    "on_receive", "on_transmit", "on_free", "on_consume", "on_route", "on_neigh"
+    "on_receive",
+    "on_transmit",
+    "on_free",
+    "on_consume",
+    "on_route",
+    "on_neigh",
 )
 FEATURES = ("feature_fentry", "feature_kprobe")
 NETFILTER = {"on_hook_first": PRIORITY_FIRST, "on_hook_last": PRIORITY_LAST}
@@ -56,14 +61,20 @@ MODE_PROBE = 0
 MODE_WATCH = 1
 
 # struct event in probes/nstrace.h, 128 bytes, little endian.
-RECORD = struct.Struct("<QQIIiIIIBBBBI" "IIIIHHHHBBBBBB2x" "16s16s16s")
+RECORD = struct.Struct("<QQIIiIIIBBBBIIIIIHHHHBBBBBB2x16s16s16s")
 KINDS = {1: RX, 2: TX, 3: HOOK, 4: ROUTE, 5: NEIGH, 6: FREE}
 STAGES = {1: FIRST, 2: LAST}
 
 # include/uapi/linux/neighbour.h
 NUD_STATES = {
-    0x01: "INCOMPLETE", 0x02: "REACHABLE", 0x04: "STALE", 0x08: "DELAY",
-    0x10: "PROBE", 0x20: "FAILED", 0x40: "NOARP", 0x80: "PERMANENT",
+    0x01: "INCOMPLETE",
+    0x02: "REACHABLE",
+    0x04: "STALE",
+    0x08: "DELAY",
+    0x10: "PROBE",
+    0x20: "FAILED",
+    0x40: "NOARP",
+    0x80: "PERMANENT",
 }
 
 
@@ -72,7 +83,17 @@ class Config(ctypes.Structure):
 
     _fields_ = [
         (name, ctypes.c_uint32)
-        for name in ("enabled", "mode", "proto", "tag", "dst", "addr", "port", "netns")
+        for name in (
+            "enabled",
+            "mode",
+            "proto",
+            "tag",
+            "dst",
+            "addr",
+            "port",
+            "netns",
+            "src_netns",
+        )
     ]
 
 
@@ -115,10 +136,38 @@ class Decoder:
         return self.names.get(inode, f"netns:{inode}")
 
     def decode(self, raw: bytes) -> Event:
-        (t_ns, skb, inode, ifindex, value, table, aux, aux2, kind, hook, stage, _pad,
-         _pad2, saddr, daddr, inner_saddr, inner_daddr, ident, seq, sport, dport,
-         proto, _inner_proto, icmp_type, icmp_code, tcp_flags, is_error, dev,
-         in_dev, out_dev) = RECORD.unpack_from(raw)
+        (
+            t_ns,
+            skb,
+            inode,
+            ifindex,
+            value,
+            table,
+            aux,
+            aux2,
+            kind,
+            hook,
+            stage,
+            _pad,
+            _pad2,
+            saddr,
+            daddr,
+            inner_saddr,
+            inner_daddr,
+            ident,
+            seq,
+            sport,
+            dport,
+            proto,
+            _inner_proto,
+            icmp_type,
+            icmp_code,
+            tcp_flags,
+            is_error,
+            dev,
+            in_dev,
+            out_dev,
+        ) = RECORD.unpack_from(raw)
         event = Event(
             kind=KINDS.get(kind, f"kind{kind}"),
             t_ns=t_ns,
@@ -131,8 +180,9 @@ class Decoder:
             proto=proto,
         )
         if event.kind in (RX, TX, HOOK, FREE) and proto:
-            self._fill_packet(event, ident, seq, sport, dport, icmp_type, icmp_code,
-                              tcp_flags)
+            self._fill_packet(
+                event, ident, seq, sport, dport, icmp_type, icmp_code, tcp_flags
+            )
             if is_error:
                 event.inner_src, event.inner_dst = _ip(inner_saddr), _ip(inner_daddr)
         if event.kind == HOOK:
@@ -150,8 +200,16 @@ class Decoder:
         return event
 
     @staticmethod
-    def _fill_packet(event: Event, ident: int, seq: int, sport: int, dport: int,
-                     icmp_type: int, icmp_code: int, tcp_flags: int) -> None:
+    def _fill_packet(
+        event: Event,
+        ident: int,
+        seq: int,
+        sport: int,
+        dport: int,
+        icmp_type: int,
+        icmp_code: int,
+        tcp_flags: int,
+    ) -> None:
         if event.proto == 1:
             event.icmp_type, event.icmp_code = icmp_type, icmp_code
             event.ident, event.seq = ident, seq
@@ -160,8 +218,9 @@ class Decoder:
             event.sport, event.dport = sport, dport
 
 
-def _link_at_free_priority(prog_fd: int, hooknum: int, priority: int,
-                           inward: int) -> int:
+def _link_at_free_priority(
+    prog_fd: int, hooknum: int, priority: int, inward: int
+) -> int:
     """Link at *priority*, or the nearest free one towards the middle.
 
     Two BPF netfilter programs may not share a hook's priority: the kernel
@@ -187,7 +246,9 @@ class Probes:
     def __init__(self, object_path: str | None = None) -> None:
         btf.check_btf()
         if os.geteuid() != 0:
-            raise CannotTraceError("nstrace needs root to load BPF programs; run it with sudo")
+            raise CannotTraceError(
+                "nstrace needs root to load BPF programs; run it with sudo"
+            )
         self.unavailable: dict[str, str] = {}
         self.netns_linked: list[str] = []
         self.records: list[bytes] = []
@@ -244,8 +305,11 @@ class Probes:
                 self.obj.attach(name)
             except bpf.BpfError as exc:
                 self.unavailable[name] = str(exc)
-                log.warning("%s cannot attach here (%s); carrying on without it",
-                            self.obj.programs[name].section, exc)
+                log.warning(
+                    "%s cannot attach here (%s); carrying on without it",
+                    self.obj.programs[name].section,
+                    exc,
+                )
 
     def link_netfilter(self, namespaces: Iterable[str]) -> None:
         """Link the hook programs at every IPv4 hook of each namespace."""
@@ -269,22 +333,44 @@ class Probes:
             for hooknum in range(len(HOOKS)):
                 for name, priority in NETFILTER.items():
                     inward = 1 if priority < 0 else -1
-                    made.append(_link_at_free_priority(fds[name], hooknum, priority,
-                                                       inward))
+                    made.append(
+                        _link_at_free_priority(fds[name], hooknum, priority, inward)
+                    )
         except BaseException:
             for fd in made:
                 os.close(fd)
             raise
         return made
 
-    def configure(self, *, mode: int = MODE_PROBE, proto: int = 1, tag: int = 0,
-                  dst: str | None = None, addr: str | None = None, port: int = 0,
-                  netns_inode: int = 0) -> None:
-        """Point the in-kernel filter at one flow and enable the programs."""
+    def configure(
+        self,
+        *,
+        mode: int = MODE_PROBE,
+        proto: int = 1,
+        tag: int = 0,
+        dst: str | None = None,
+        addr: str | None = None,
+        port: int = 0,
+        netns_inode: int = 0,
+        src_netns: str | None = None,
+    ) -> None:
+        """Point the in-kernel filter at one flow and enable the programs.
+
+        *src_netns* is where a probe is sent from: its first route lookup is
+        recognised by that (see on_route in probes/nstrace.bpf.c).
+        """
         self.reset_cursors()
-        cfg = Config(enabled=1, mode=mode, proto=proto, tag=tag,
-                     dst=ip_to_u32(dst) if dst else 0,
-                     addr=ip_to_u32(addr) if addr else 0, port=port, netns=netns_inode)
+        cfg = Config(
+            enabled=1,
+            mode=mode,
+            proto=proto,
+            tag=tag,
+            dst=ip_to_u32(dst) if dst else 0,
+            addr=ip_to_u32(addr) if addr else 0,
+            port=port,
+            netns=netns_inode,
+            src_netns=netns.inode_of(src_netns) if src_netns else 0,
+        )
         bpf.map_update(self.config_fd, ctypes.c_uint32(0), cfg)
 
     def disable(self) -> None:

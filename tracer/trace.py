@@ -190,7 +190,12 @@ def _trace(request: PingRequest, probes: Probes) -> TraceResult:
         building = time.perf_counter()
         injector.prepare()
         request.timings["build_ms"] = (time.perf_counter() - building) * 1000
-        probes.configure(proto=injector.proto, tag=injector.tag, dst=request.dst)
+        probes.configure(
+            proto=injector.proto,
+            tag=injector.tag,
+            dst=request.dst,
+            src_netns=request.src_netns,
+        )
         decoder = Decoder(netns.names_by_inode())
 
         def is_drop(event: Event) -> bool:
