@@ -174,3 +174,40 @@ def test_a_bad_item_of_a_block_list_is_reported_at_its_own_line(tmp_path: Path):
     path.write_text(SCENARIO.replace("EXPECTATION", nat))
     with pytest.raises(UsageError, match=r"case\.yaml:12: .*nat item 2: field 'sauce'"):
         scenario.load(path)
+
+
+def test_report_table_and_junit_without_a_lab(tmp_path: Path):
+    import io
+    import xml.etree.ElementTree as ET
+
+    from rich.console import Console
+
+    tutorial = scenario.default_scenario()
+    step6 = tutorial.step(6)
+    (probe,) = step6.probes
+    result = recorded(7)  # step 7's trace judged by step 6's expectations
+    run = check.ProbeRun(step6, probe, result, check.evaluate(probe.expect, result))
+    report = check.Report(tutorial, [run])
+    assert report.exit_code() == 1
+
+    out = io.StringIO()
+    check.render_report(report, Console(file=out, width=100))
+    text = out.getvalue()
+    assert (
+        "FAIL step 6 (MASQUERADE added, the reply is dropped), RED -> 8.8.8.8 (icmp): "
+        "expected outcome dropped, saw reply"
+    ) in text
+    failed = len(report.failures)
+    assert (
+        f"{len(run.verdicts) - failed} of {len(run.verdicts)} expectations held" in text
+    )
+
+    junit = tmp_path / "junit.xml"
+    check.write_junit(report, junit)
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None
+    assert suite.get("tests") == str(len(run.verdicts))
+    assert suite.get("failures") == str(failed)
+    cases = suite.findall("testcase")
+    assert cases[0].get("classname") == "nstrace.tutorial.step6"
+    assert cases[0].find("failure").get("message").endswith("saw reply")
