@@ -302,6 +302,28 @@ CASES = (
         "ip route add default via 10.152.0.1",
         None,
     ),
+    Case(
+        "ghost-gateway",
+        broken("ghost-gateway"),
+        0,
+        ("gg-office", "10.172.0.80", "--timeout", "4"),
+        ("dropped", "unreachable"),
+        "neigh-failed",
+        "gg-office",
+        "ip route replace default via 10.171.0.1",
+        ("gg-office", "POSTROUTING", "request"),
+    ),
+    Case(
+        "arp-rp-filter",
+        broken("arp-rp-filter"),
+        0,
+        ("ar-src", "10.56.2.2", "--timeout", "4"),
+        ("dropped", "unreachable"),
+        "rp-filter",
+        "ar-mid",
+        "sysctl -w net.ipv4.conf.m-s.rp_filter=2",
+        ("ar-src", "POSTROUTING", "request"),
+    ),
 )
 
 
