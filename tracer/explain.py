@@ -1145,8 +1145,10 @@ def _walk_one(
             asked = f"{netns} would ask for {nexthop} on {route.dev} (ARP)"
             return [_unanswered(ctx, at, netns, route.dev or "?", nexthop, None, asked)]
         following = ctx.ns(owner.netns)
-        if following is None or owner.netns in visited:
-            return []  # a routing loop, or out of the snapshot: no verdict
+        if owner.netns in visited:
+            return [_loop(ctx, at, state, route, owner, target, direction)]
+        if following is None:
+            return []  # out of the snapshot: no verdict
         blocked = _predicted_filter(ctx, at, path, owner, following, target, direction)
         if not following.owns(target) and not following.forwarding(owner.dev):
             return [
@@ -1167,6 +1169,40 @@ def _walk_one(
             return [blocked]
         netns = owner.netns
     return []
+
+
+def _loop(
+    ctx: _Context,
+    at: int,
+    state: NetnsState,
+    route: Any,
+    owner: Address,
+    target: str,
+    direction: str,
+) -> Finding:
+    """The route of *state* sends the packet back where it came from."""
+    fix = None
+    home = ctx.snapshot.owner(target)
+    for link in state.links.values():
+        for address in state.addresses_on(link.name) if home else []:
+            for node in ctx.snapshot.segment(state.name, link.name):
+                if node[0] != home.netns:
+                    continue
+                for theirs in ctx.ns(node[0]).addresses_on(node[1]):
+                    if ipaddress.ip_address(theirs.addr) in address.network:
+                        fix = f"ip route replace {route.dst} via {theirs.addr}"
+    evidence = [f"route in {state.name}: {_snapshot_route(route)}"]
+    if home is not None:
+        evidence.append(f"{target} belongs to {home.netns} ({home.dev})")
+    return Finding(
+        at,
+        "misrouted",
+        state.name,
+        f"the route in {state.name} for {target} sends the {direction} back to "
+        f"{owner.netns}, where it came from: a routing loop",
+        evidence,
+        fix,
+    )
 
 
 def _predicted_filter(
