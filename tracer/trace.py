@@ -158,11 +158,17 @@ def ping(request: PingRequest, probes: Probes | None = None) -> TraceResult:
         # Before the probe, and before nstrace's own nftables tables exist.
         snap = snapshot.take(names)
         timings["snapshot_ms"] = snap.taken_ms
-        return explained(_trace(request, probes), snap)
+        result = _trace(request, probes)
+        explaining = time.perf_counter()
+        result = explained(result, snap)
+        timings["explain_ms"] = (time.perf_counter() - explaining) * 1000
+        return result
     finally:
+        detaching = time.perf_counter()
         probes.disable()
         if own:
             probes.close()
+        timings["detach_ms"] = (time.perf_counter() - detaching) * 1000
 
 
 def explained(result: TraceResult, snap: snapshot.Snapshot) -> TraceResult:
