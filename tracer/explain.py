@@ -1101,74 +1101,132 @@ def _walk_one(
         if state is None or state.owns(target) or netns in visited:
             return []
         visited.add(netns)
-        route = state.lookup(target)
-        at = position + step
-        if route is None:
-            hop = {
-                "netns": netns,
-                "dst": target,
-                "dir": direction,
-                "error": PREDICTED,
-            }
-            return [_no_route_finding(ctx, at, hop)]
-        link = state.links.get(route.dev or "")
-        if link is None:
-            return []  # a device the snapshot does not know: no verdict
-        if not link.admin_up:
-            return [
-                Finding(
-                    at,
-                    "link-down",
-                    netns,
-                    f"{link.name} in {netns} is down, and the {direction}'s route to "
-                    f"{target} leaves through it",
-                    [
-                        f"route in {netns}: {_snapshot_route(route)}",
-                        f"{link.name} is down",
-                    ],
-                    f"ip link set {link.name} up",
-                )
-            ]
-        nexthop = route.gateway or target
-        owner = ctx.snapshot.owner(nexthop)
-        path = (
-            ctx.snapshot.l2_path((netns, route.dev), (owner.netns, owner.dev))
-            if owner is not None and route.dev
-            else None
+        found, owner = _next_hop(
+            ctx, position + step, state, target, direction, visited
         )
-        broken_l2 = path is None or any(
-            not ctx.snapshot.link(*n).admin_up for n in path
-        )
-        if owner is None and not _segment_closed(ctx, netns, route.dev):
-            return []  # the next hop is beyond what nstrace can see
-        if owner is None or broken_l2:
-            asked = f"{netns} would ask for {nexthop} on {route.dev} (ARP)"
-            return [_unanswered(ctx, at, netns, route.dev or "?", nexthop, None, asked)]
-        following = ctx.ns(owner.netns)
-        if owner.netns in visited:
-            return [_loop(ctx, at, state, route, owner, target, direction)]
-        if following is None:
-            return []  # out of the snapshot: no verdict
-        blocked = _predicted_filter(ctx, at, path, owner, following, target, direction)
-        if not following.owns(target) and not following.forwarding(owner.dev):
-            return [
-                Finding(
-                    at,
-                    "forwarding-disabled",
-                    owner.netns,
-                    f"{owner.netns} would have to forward the {direction} for "
-                    f"{target}, but forwarding is off",
-                    [
-                        f"route in {netns}: {_snapshot_route(route)}",
-                        f"net.ipv4.ip_forward = 0 in {owner.netns}",
-                    ],
-                    "sysctl -w net.ipv4.ip_forward=1",
-                )
-            ]
-        if blocked is not None:
-            return [blocked]
+        if found is not None or owner is None:
+            return [found] if found is not None else []
         netns = owner.netns
     return []
+
+
+def _next_hop(
+    ctx: _Context,
+    at: int,
+    state: NetnsState,
+    target: str,
+    direction: str,
+    visited: set[str],
+) -> tuple[Finding | None, Address | None]:
+    """What goes wrong between *state* and its next hop towards *target*, or
+    (None, the next hop's address) when nothing does, or (None, None) when
+    the snapshot cannot tell."""
+    route = state.lookup(target)
+    if route is None:
+        hop = {"netns": state.name, "dst": target, "dir": direction, "error": PREDICTED}
+        return _no_route_finding(ctx, at, hop), None
+    link = state.links.get(route.dev or "")
+    if link is None:
+        return None, None  # a device the snapshot does not know: no verdict
+    if not link.admin_up:
+        return Finding(
+            at,
+            "link-down",
+            state.name,
+            f"{link.name} in {state.name} is down, and the {direction}'s route "
+            f"to {target} leaves through it",
+            [
+                f"route in {state.name}: {_snapshot_route(route)}",
+                f"{link.name} is down",
+            ],
+            f"ip link set {link.name} up",
+        ), None
+    nexthop = route.gateway or target
+    owner = ctx.snapshot.owner(nexthop)
+    if owner is None and not _segment_closed(ctx, state.name, link.name):
+        return None, None  # the next hop is beyond what nstrace can see
+    path = (
+        ctx.snapshot.l2_path((state.name, link.name), (owner.netns, owner.dev))
+        if owner is not None
+        else None
+    )
+    asked = f"{state.name} would ask for {nexthop} on {link.name} (ARP)"
+    if (
+        owner is None
+        or path is None
+        or any(not ctx.snapshot.link(*n).admin_up for n in path)
+    ):
+        return _unanswered(ctx, at, state.name, link.name, nexthop, None, asked), None
+    sender = _sender(ctx, state, link.name, direction)
+    silenced = _owner_rp_filter(ctx, at, owner, sender, asked)
+    if silenced is not None:
+        return silenced, None
+    if owner.netns in visited:
+        return _loop(ctx, at, state, route, owner, target, direction), None
+    following = ctx.ns(owner.netns)
+    if following is None:
+        return None, None  # out of the snapshot: no verdict
+    found = (
+        _reverse_path(ctx, at, following, owner.dev, direction)
+        or _cannot_forward(at, state, route, owner, following, target, direction)
+        or _predicted_filter(ctx, at, path, owner, following, target, direction)
+    )
+    return (found, None) if found is not None else (None, owner)
+
+
+def _sender(ctx: _Context, state: NetnsState, dev: str, direction: str) -> str | None:
+    """The source address of the packet as it leaves *state* on *dev*.
+
+    The probe's own addresses where it starts (and where the reply starts);
+    for a forwarded packet, the address an ARP request would carry is the
+    namespace's own on that device (arp_announce 0, ip-sysctl.rst).
+    """
+    probe = ctx.probe
+    if direction == "request" and state.name == probe.src_netns:
+        return probe.src
+    if direction == "reply" and state.owns(probe.dst):
+        return probe.dst
+    own = state.addresses_on(dev)
+    return own[0].addr if own else None
+
+
+def _reverse_path(
+    ctx: _Context, at: int, state: NetnsState, dev: str, direction: str
+) -> Finding | None:
+    """Strict (or loose) reverse-path filtering that would drop the packet."""
+    source = ctx.probe.src if direction == "request" else ctx.probe.dst
+    if not source or state.owns(source):
+        return None
+    mode = state.rp_filter(dev)
+    back = state.lookup(source)
+    if (mode == 1 and (back is None or back.dev != dev)) or (mode == 2 and not back):
+        return _rp_finding(at, state.name, dev, source, state, f"the {direction}")
+    return None
+
+
+def _cannot_forward(
+    at: int,
+    state: NetnsState,
+    route: Any,
+    owner: Address,
+    following: NetnsState,
+    target: str,
+    direction: str,
+) -> Finding | None:
+    if following.owns(target) or following.forwarding(owner.dev):
+        return None
+    return Finding(
+        at,
+        "forwarding-disabled",
+        owner.netns,
+        f"{owner.netns} would have to forward the {direction} for {target}, but "
+        "forwarding is off",
+        [
+            f"route in {state.name}: {_snapshot_route(route)}",
+            f"net.ipv4.ip_forward = 0 in {owner.netns}",
+        ],
+        "sysctl -w net.ipv4.ip_forward=1",
+    )
 
 
 def _loop(

@@ -498,3 +498,25 @@ def test_the_explainer_source_names_nothing_of_the_tutorial():
             source,
         )
         assert not found, (module.__name__, found)
+
+
+@pytest.mark.parametrize(
+    "name,code,netns",
+    [
+        # Timed out before ARP gave up (nstrace check's 1 s): no drop seen.
+        ("arp-rp-filter", "rp-filter", "ar-mid"),
+        ("port-down", "link-down", "pdn-sw"),
+        ("not-bridged", "not-bridged", "nb-host"),
+        ("ghost-gateway", "neigh-failed", "gg-office"),
+        # The drop itself lost (lost events): the snapshot still knows.
+        ("rp-filter", "rp-filter", "rp-mid"),
+        ("forwarding-off", "forwarding-disabled", "fo-rtr"),
+        ("fwd-policy-drop", "filter-drop", "pd-router"),
+    ],
+)
+def test_without_the_drop_the_snapshot_still_names_the_cause(name, code, netns):
+    result, snapshot = load(name)
+    result.hops = [h for h in result.hops if h["event"] != "drop"]
+    result.drop, result.outcome = None, "no-reply"
+    first = explain(result, snapshot)[0]
+    assert (first["code"], first["netns"]) == (code, netns)
