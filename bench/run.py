@@ -51,7 +51,8 @@ NOTHING = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no packet of the lab has it
 BLUE = "11.11.11.3"
 INTERNET = "8.8.8.8"
 # Capacity: UDP packets per second offered, rising until the watch loses some.
-FLOOD_RATES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
+FLOOD_RATES = (1_000, 2_000, 3_000, 4_000, 5_000, 6_000, 8_000, 10_000, 15_000, 20_000)
+OVERHEAD_ROUNDS = 5  # interleaved pairs of runs: other load on the machine drifts
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -218,7 +219,7 @@ def overhead(iperf: Iperf, figures: dict[str, Any]) -> None:
         "udp_off": [],
         "udp_on": [],
     }
-    for _ in range(3):
+    for _ in range(OVERHEAD_ROUNDS):
         for traced in (False, True):
             watch = Watch("--host", NOTHING) if traced else None
             try:
@@ -317,12 +318,24 @@ def table(figures: dict[str, Any]) -> str:
             )
         )
     rows.append(("peak RSS of nstrace ping", f"{figures['peak_rss_mb']:.1f} MB"))
+    before, after = figures["load_average_before"], figures["load_average_after"]
+    rows.append(
+        (
+            "load average (1 min), before / after",
+            f"{before:.2f} / {after:.2f} on {figures['cpus']} CPUs",
+        )
+    )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def bench() -> dict[str, Any]:
-    figures: dict[str, Any] = {"runs": RUNS, "cpus": os.cpu_count()}
+    figures: dict[str, Any] = {
+        "runs": RUNS,
+        "cpus": os.cpu_count(),
+        # Other work on the machine shows in every figure: say how much.
+        "load_average_before": os.getloadavg()[0],
+    }
     stages: list[dict[str, float]] = []
     try:
         verdict_times(6, figures, stages)
@@ -338,6 +351,7 @@ def bench() -> dict[str, Any]:
             iperf.close()
     finally:
         lab_module.down()
+    figures["load_average_after"] = os.getloadavg()[0]
     return figures
 
 
