@@ -437,3 +437,21 @@ def test_tutorial_replies_have_no_cause_and_a_snapshot(built, step, probe):
     assert set(spaces) >= {"host", "RED", "BLUE", "internet"}
     assert spaces["host"]["ip_forward"] == 1
     assert "11.11.11.2/24 dev reth0" in spaces["RED"]["addresses"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / BROKEN).glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_nstrace_check_holds_every_broken_labs_expectations(path):
+    # Each lab's probes expect their outcome and cause (with check's own
+    # timeout of 1 s: ARP failures are then named from the snapshot).
+    done = subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
