@@ -4,11 +4,14 @@ The probes run in their watch mode (MODE_WATCH in probes/nstrace.bpf.c): the
 kernel keeps packets whose protocol, address (source or destination, outer or
 quoted) and port match, in one namespace or in all, and sends one record per
 observation point. Each record becomes one line, numbered by packet: a packet
-is one skb, known by its address, until it is freed or not seen for a while
-(the kernel soon reuses a freed skb's memory for another packet). Route
-lookups and neighbour updates carry no skb; they are shown under the packet
-seen last, which is the one they were made for (the kernel makes them while
-handling it, on the same CPU).
+is one skb, known by its address, until it is freed, not seen for a while, or
+seen again at a point it has passed (the kernel soon reuses an skb's memory
+for the next packet; see Grouper). Route lookups and neighbour updates carry
+no skb; they are shown under the packet seen last, which is the one they were
+made for (the kernel makes them while handling it, on the same CPU). With
+--netns, hooks are linked in that namespace only and devices are filtered in
+the kernel; route lookups and frees of other namespaces, tied to the flow by
+address and time only, are dropped here.
 
 Lost records (the ring buffer was full) are counted by the kernel; the count
 is printed whenever it grows, so that a gap is never silent. Ctrl-C, SIGTERM
