@@ -75,13 +75,20 @@ def held_ids(pid: int) -> dict[str, set[int]]:
 
 def existing_ids() -> dict[str, set[int]]:
     """Every BPF program, link and map id the kernel has now."""
-    found = {}
-    for kind in KINDS:
+    return {kind: _bpftool_ids(kind) for kind in KINDS}
+
+
+def _bpftool_ids(kind: str, attempts: int = 10) -> set[int]:
+    # bpftool walks ids one by one and fails when one vanishes between the
+    # two steps, which other processes' BPF objects do at any moment.
+    for _ in range(attempts):
         done = subprocess.run(
-            ["bpftool", kind, "list", "-j"], capture_output=True, text=True, check=True
+            ["bpftool", kind, "list", "-j"], capture_output=True, text=True, check=False
         )
-        found[kind] = {item["id"] for item in json.loads(done.stdout or "[]")}
-    return found
+        if done.returncode == 0:
+            return {item["id"] for item in json.loads(done.stdout or "[]")}
+        time.sleep(0.05)
+    raise AssertionError(f"bpftool {kind} list kept failing: {done.stderr.strip()}")
 
 
 def nstrace_tables() -> dict[str, list[str]]:
