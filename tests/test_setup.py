@@ -48,7 +48,7 @@ def test_pyproject_declares_the_command_and_the_package():
     project = pyproject()["project"]
 
     assert project["name"] == "nstrace"
-    assert project["scripts"] == {"nstrace": "tracer.cli:main"}
+    assert project["scripts"] == {"nstrace": "tracer.cli:run"}
     assert project["requires-python"] == ">=3.11"
     assert pyproject()["tool"]["setuptools"]["packages"] == ["tracer"]
 
