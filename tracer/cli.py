@@ -271,6 +271,9 @@ def _terminated(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminated)
+    # A shell starts background jobs with SIGINT ignored, and Python then
+    # leaves it ignored: Ctrl-C (or kill -INT) must still end nstrace cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
