@@ -107,21 +107,15 @@ static __always_inline __u32 netns_of_task(void)
 	return BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
 }
 
-/* Read the IPv4 header at @l3 and the transport bits nstrace filters on. */
-static __always_inline int parse_ipv4(unsigned char *l3, struct packet *pkt)
+/* Read the transport bits nstrace filters on, after the IPv4 header @hdr. */
+static __always_inline int parse_ipv4(unsigned char *l3, struct iphdr *hdr,
+				      struct packet *pkt)
 {
-	struct iphdr ip;
+	struct iphdr ip = *hdr;
 	struct iphdr inner;
 	__u8 l4[20];
-	__u32 ihl;
+	__u32 ihl = ip.ihl * 4;
 
-	if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
-		return 0;
-	if (ip.version != 4)
-		return 0;
-	ihl = ip.ihl * 4;
-	if (ihl < 20)
-		return 0;
 	pkt->saddr = ip.saddr;
 	pkt->daddr = ip.daddr;
 	pkt->proto = ip.protocol;
@@ -192,15 +186,44 @@ static __always_inline int matches(struct config *cfg, struct packet *pkt)
 }
 
 /*
+ * Whether a packet with this IPv4 header can be the flow's at all: most
+ * packets are not, and they are let go before their transport header is
+ * read (one bpf_probe_read_kernel less per program run, for every packet
+ * that crosses a traced namespace). ICMP always goes on: an error quotes
+ * another protocol's packet.
+ */
+static __always_inline int could_match(struct config *cfg, struct iphdr *ip)
+{
+	if (ip->protocol == IPPROTO_ICMP)
+		return 1;
+	if (cfg->mode == MODE_PROBE)
+		return ip->protocol == cfg->proto;
+	if (cfg->proto && ip->protocol != cfg->proto)
+		return 0;
+	return !cfg->addr || ip->saddr == cfg->addr || ip->daddr == cfg->addr;
+}
+
+/*
  * Parse the skb's IPv4 packet at @l3 and decide whether it is the flow's:
  * 1 it is, 0 it is another IPv4 packet, -1 it could not be parsed here.
+ * The skb's own fields are read directly: tp_btf and netfilter programs get
+ * the skb as a BTF pointer, which the verifier lets them dereference, and a
+ * direct load costs far less than a bpf_probe_read_kernel call.
  */
 static __always_inline int classify(struct config *cfg, struct sk_buff *skb,
 				    unsigned char *l3, struct packet *pkt)
 {
-	if (!l3 || BPF_CORE_READ(skb, protocol) != bpf_htons(ETH_P_IP))
+	struct iphdr ip;
+
+	if (!l3 || skb->protocol != bpf_htons(ETH_P_IP))
 		return -1;
-	if (!parse_ipv4(l3, pkt))
+	if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
+		return -1;
+	if (ip.version != 4 || ip.ihl < 5)
+		return -1;
+	if (!could_match(cfg, &ip))
+		return 0;
+	if (!parse_ipv4(l3, &ip, pkt))
 		return -1;
 	return matches(cfg, pkt);
 }
@@ -213,11 +236,11 @@ static __always_inline int skb_packet(struct config *cfg, struct sk_buff *skb,
 
 static __always_inline unsigned char *network_header(struct sk_buff *skb)
 {
-	__u16 offset = BPF_CORE_READ(skb, network_header);
+	__u16 offset = skb->network_header;
 
 	if (offset == (__u16)~0U)
 		return NULL;
-	return BPF_CORE_READ(skb, head) + offset;
+	return skb->head + offset;
 }
 
 static __always_inline void remember(struct sk_buff *skb, __u32 netns,
@@ -301,8 +324,7 @@ SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(on_receive, struct sk_buff *skb)
 {
 	/* At receive skb->data is the network header (after eth_type_trans). */
-	return on_device(skb, BPF_CORE_READ(skb, dev), BPF_CORE_READ(skb, data),
-			 KIND_RX);
+	return on_device(skb, skb->dev, skb->data, KIND_RX);
 }
 
 SEC("tp_btf/net_dev_start_xmit")
@@ -466,7 +488,7 @@ static __always_inline int on_hook(struct bpf_nf_ctx *ctx, __u8 stage)
 	struct event *e;
 	__u32 netns;
 
-	if (!cfg || !skb_packet(cfg, skb, BPF_CORE_READ(skb, data), &pkt))
+	if (!cfg || !skb_packet(cfg, skb, skb->data, &pkt))
 		return NF_ACCEPT;
 	netns = BPF_CORE_READ(state, net, ns.inum);
 	remember(skb, netns, &pkt);

@@ -9,13 +9,13 @@ command has ended, however it ended.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from typing import Any
 
 import pytest
+from cli_helpers import nstrace, ping_json
 
 from tracer.rules import Flow, RuleTracer
 
@@ -23,22 +23,6 @@ pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 ACCEPT_SOURCES = "-A FORWARD -s 11.11.11.0/24 -j ACCEPT"
 NOBODY = "11.11.11.99"  # in RED's subnet, owned by no one: ARP never answers
-
-
-def nstrace(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tracer.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def ping_json(src: str, dst: str) -> dict[str, Any]:
-    done = nstrace("ping", src, dst, "--json")
-    assert done.returncode in (0, 1) and done.stdout, done.stderr
-    return json.loads(done.stdout)
 
 
 def hook_hops(result: dict[str, Any], netns: str, hook: str, direction: str) -> list:
