@@ -350,7 +350,8 @@ int BPF_PROG(on_free, struct sk_buff *skb, void *location, int reason)
 		return 0;
 	seen = bpf_map_lookup_elem(&tracked_skbs, &key);
 	tracked = seen && bpf_ktime_get_ns() - *seen < TRACKED_FRESH_NS;
-	bpf_map_delete_elem(&tracked_skbs, &key);
+	if (seen)
+		bpf_map_delete_elem(&tracked_skbs, &key);
 	match = classify(cfg, skb, network_header(skb), &pkt);
 	if (match == 0 || (match < 0 && !tracked))
 		return 0;
@@ -379,7 +380,9 @@ int BPF_PROG(on_consume, struct sk_buff *skb)
 {
 	__u64 key = (__u64)skb;
 
-	if (get_config())
+	/* A lookup takes no lock; a delete on the LRU map does: most skbs that
+	 * end here were never the flow's. */
+	if (get_config() && bpf_map_lookup_elem(&tracked_skbs, &key))
 		bpf_map_delete_elem(&tracked_skbs, &key);
 	return 0;
 }
