@@ -483,7 +483,8 @@ def _end_text(data: dict[str, Any]) -> list[str]:
 
 def _title(data: dict[str, Any]) -> str:
     probe = data.get("probe", {})
-    return f"{probe.get('src_netns', '?')} → {probe.get('dst', '?')} ({probe.get('proto', 'icmp')})"
+    src, dst = probe.get("src_netns", "?"), probe.get("dst", "?")
+    return f"{src} → {dst} ({probe.get('proto', 'icmp')})"
 
 
 # ---- 3. drawing ------------------------------------------------------------

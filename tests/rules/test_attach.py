@@ -44,7 +44,8 @@ EVENTS = [
 
 
 def hook_rules(result) -> list:
-    return [(h["dir"], h.get("rule"), h.get("rules")) for h in result.hops if h["event"] == "hook"]  # fmt: skip
+    hooks = [hop for hop in result.hops if hop["event"] == "hook"]
+    return [(hop["dir"], hop.get("rule"), hop.get("rules")) for hop in hooks]
 
 
 def test_each_crossing_goes_to_its_hop_and_a_drop_decides():

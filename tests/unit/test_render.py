@@ -59,7 +59,8 @@ def test_header_of_a_tcp_probe_names_the_port():
 
 
 def test_groups_follow_direction_and_namespace_in_time_order(step6):
-    groups = [line[4:] for line in lines_of(step6) if line.startswith(("├── ", "└── "))]
+    tops = ("├── ", "└── ")
+    groups = [line[4:] for line in lines_of(step6) if line.startswith(tops)]
     assert groups == [
         "request · RED",
         "request · host",
