@@ -58,8 +58,12 @@ def _load_libbpf() -> ctypes.CDLL:
 _lib: ctypes.CDLL | None = None
 _libc = ctypes.CDLL(None, use_errno=True)
 
-_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_PRINT_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p
+)
+SAMPLE_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+)
 
 
 def _vsnprintf(fmt: bytes, args: int) -> str:
@@ -241,7 +245,9 @@ class BpfObject:
         """Declare *name* a netfilter program (libbpf 1.1 cannot tell)."""
         prog = self.programs[name].ptr
         _check_rc(lib().bpf_program__set_type(prog, BPF_PROG_TYPE_NETFILTER), name)
-        _check_rc(lib().bpf_program__set_expected_attach_type(prog, BPF_NETFILTER), name)
+        _check_rc(
+            lib().bpf_program__set_expected_attach_type(prog, BPF_NETFILTER), name
+        )
 
     def set_autoload(self, name: str, load: bool) -> None:
         _check_rc(lib().bpf_program__set_autoload(self.programs[name].ptr, load), name)

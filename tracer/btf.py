@@ -25,9 +25,24 @@ BTF_MAGIC = 0xEB9F
 # Bytes that follow struct btf_type, per kind: a fixed part and a part per
 # vlen item (Documentation/bpf/btf.rst, "Type Encoding").
 _KIND_EXTRA = {
-    1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
-    7: (0, 0), 8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0),
-    13: (0, 8), 14: (4, 0), 15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0),
+    1: (4, 0),
+    2: (0, 0),
+    3: (12, 0),
+    4: (0, 12),
+    5: (0, 12),
+    6: (0, 8),
+    7: (0, 0),
+    8: (0, 0),
+    9: (0, 0),
+    10: (0, 0),
+    11: (0, 0),
+    12: (0, 0),
+    13: (0, 8),
+    14: (4, 0),
+    15: (0, 12),
+    16: (0, 0),
+    17: (4, 0),
+    18: (0, 0),
     19: (0, 12),
 }
 KIND_ENUM = 6
@@ -141,5 +156,6 @@ def drop_reasons() -> dict[int, str]:
     """skb_drop_reason numbers to names without the SKB_DROP_REASON_ prefix."""
     prefix = "SKB_DROP_REASON_"
     return {
-        value: label.removeprefix(prefix) for value, label in enum("skb_drop_reason").items()
+        value: label.removeprefix(prefix)
+        for value, label in enum("skb_drop_reason").items()
     }

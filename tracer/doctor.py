@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from tracer import bpf, btf, netns, probes
+from tracer import bpf, btf, probes
 from tracer.errors import NstraceError
 
 REQUIRED_TOOLS = ("ip", "iptables", "nft")
@@ -46,15 +46,21 @@ def run_checks() -> list[Check]:
 
 def _root() -> Check:
     ok = os.geteuid() == 0
-    return Check("privileges", ok, "root" if ok else f"euid {os.geteuid()}",
-                 "run nstrace as root (sudo): BPF and namespaces need it")
+    return Check(
+        "privileges",
+        ok,
+        "root" if ok else f"euid {os.geteuid()}",
+        "run nstrace as root (sudo): BPF and namespaces need it",
+    )
 
 
 def _btf() -> Check:
     try:
         return Check("BTF", True, btf.check_btf())
     except NstraceError as exc:
-        return Check("BTF", False, str(exc), "use a kernel with CONFIG_DEBUG_INFO_BTF=y")
+        return Check(
+            "BTF", False, str(exc), "use a kernel with CONFIG_DEBUG_INFO_BTF=y"
+        )
 
 
 def _object() -> Check:
@@ -68,14 +74,23 @@ def _programs() -> list[Check]:
     try:
         engine = probes.Probes()
     except NstraceError as exc:
-        return [Check("load", False, str(exc), "see the message; `make probes` rebuilds")]
+        return [
+            Check("load", False, str(exc), "see the message; `make probes` rebuilds")
+        ]
     try:
         checks = [Check("load", True, f"{engine.timings['load_attach_ms']:.1f} ms")]
         for name in probes.TRACEPOINTS:
             section = engine.obj.programs[name].section
             failed = engine.unavailable.get(name)
-            checks.append(Check(section, not failed, failed or "attached",
-                                "this observation point is skipped", required=False))
+            checks.append(
+                Check(
+                    section,
+                    not failed,
+                    failed or "attached",
+                    "this observation point is skipped",
+                    required=False,
+                )
+            )
         checks.append(_netfilter_link(engine))
     finally:
         engine.close()
@@ -108,13 +123,26 @@ def _rule_attribution() -> Check:
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     try:
         with rules.RuleTracer([name], rules.Flow("icmp", 1)):
-            listed = subprocess.run(["ip", "netns", "exec", name, "nft", "list", "tables"],
-                                    capture_output=True, text=True, check=False).stdout
+            listed = subprocess.run(
+                ["ip", "netns", "exec", name, "nft", "list", "tables"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
         if "nstrace_" not in listed:
-            return Check("rule attribution", False, "nstrace's table did not appear", fix,
-                         required=False)
-        return Check("rule attribution", True, "nftables trace table and listener",
-                     required=False)
+            return Check(
+                "rule attribution",
+                False,
+                "nstrace's table did not appear",
+                fix,
+                required=False,
+            )
+        return Check(
+            "rule attribution",
+            True,
+            "nftables trace table and listener",
+            required=False,
+        )
     except (NstraceError, OSError) as exc:
         return Check("rule attribution", False, str(exc), fix, required=False)
     finally:
@@ -133,16 +161,21 @@ def _feature(name: str) -> Check:
             obj.attach(name)
         return Check(label, True, "available", required=False)
     except NstraceError as exc:
-        return Check(label, False, str(exc), "optional: nstrace works without it",
-                     required=False)
+        return Check(
+            label, False, str(exc), "optional: nstrace works without it", required=False
+        )
     finally:
         obj.close()
 
 
 def _tool(name: str) -> Check:
     path = shutil.which(name)
-    return Check(name, bool(path), path or "not found",
-                 "install it (`make deps`, or apt-get install iproute2 iptables nftables)")
+    return Check(
+        name,
+        bool(path),
+        path or "not found",
+        "install it (`make deps`, or apt-get install iproute2 iptables nftables)",
+    )
 
 
 def main() -> int:

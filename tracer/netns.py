@@ -127,7 +127,7 @@ def run_in(name_or_path: str, func: Callable[[], T]) -> T:
             finally:
                 os.close(fd)
             result.append(func())
-        except BaseException as exc:  # re-raised in the calling thread
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller)
             failure.append(exc)
 
     thread = threading.Thread(target=body, name=f"netns-{name_or_path}")

@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 from tracer import bpf, btf, netns
 from tracer.errors import CannotTraceError
@@ -409,7 +410,7 @@ class Probes:
         self.ring.close() if hasattr(self, "ring") else None
         self.obj.close()
 
-    def __enter__(self) -> Probes:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,8 +21,8 @@ from eventkit import (
 from rich.console import Console
 
 from tracer import events as ev
-from tracer.path import Probe, TraceResult, assemble, load_recording
 from tracer.events import Event
+from tracer.path import Probe, TraceResult, assemble, load_recording
 from tracer.render import console, header, render_text, shown_hops
 
 DATA = Path(__file__).parent.parent / "data"
