@@ -8,12 +8,12 @@ import sys
 from typing import Any
 
 
-def nstrace(*args: str) -> subprocess.CompletedProcess[str]:
+def nstrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tracer.cli", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 
