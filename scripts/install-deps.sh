@@ -43,6 +43,9 @@ need_command iperf3 iperf3
 # `make bench` compares nstrace ping with iputils ping over the same path.
 need_command ping iputils-ping
 want_command tcpdump tcpdump
+# Tests: after kill -9 of nstrace, bpftool lists what BPF objects remain
+# (never used to build or load anything).
+need_command bpftool bpftool
 need_command make make
 
 # Pictures (`ping --svg/--png`, `lab run --report`): Graphviz's dot lays out
