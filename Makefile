@@ -47,7 +47,7 @@ help:
 	@echo "make clean   take the lab down, remove $(VENV), probes/build and caches"
 
 deps:
-	PYTHON=$(PYTHON) MULTIARCH=$(MULTIARCH) bash scripts/install-deps.sh
+	PYTHON=$(PYTHON) MULTIARCH=$(MULTIARCH) DEPS_FOR=$(DEPS_FOR) bash scripts/install-deps.sh
 
 # The stamp makes `make venv` a no-op until pyproject.toml changes.
 venv: $(VENV_STAMP)
@@ -70,6 +70,9 @@ demo: deps venv probes
 
 # pytest exits 5 when it collected no tests; a test run that ran nothing
 # has not passed.
+# The tests also need Chromium and bpftool; a target-specific variable is seen
+# by the prerequisites built for it, so `make test`'s deps asks for them.
+test: DEPS_FOR = test
 test: deps venv probes
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then \

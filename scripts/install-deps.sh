@@ -43,15 +43,24 @@ need_command iperf3 iperf3
 # `make bench` compares nstrace ping with iputils ping over the same path.
 need_command ping iputils-ping
 want_command tcpdump tcpdump
-# Tests: after kill -9 of nstrace, bpftool lists what BPF objects remain
-# (never used to build or load anything).
-need_command bpftool bpftool
 need_command make make
 
 # Pictures (`ping --svg/--png`, `lab run --report`): Graphviz's dot lays out
-# the topology; the report's tests open it in headless Chromium.
+# the topology.
 need_command dot graphviz
-need_command chromium chromium
+
+# Only the tests need these (DEPS_FOR=test, set by `make test`): the report's
+# tests open it in headless Chromium, and after kill -9 of nstrace bpftool
+# lists what BPF objects remain (bpftool never builds or loads anything).
+# Ubuntu ships neither under these names (a snap, linux-tools), so elsewhere
+# they are only tried, never required.
+if [ "${DEPS_FOR:-}" = test ]; then
+	need_command chromium chromium
+	need_command bpftool bpftool
+else
+	want_command chromium chromium
+	want_command bpftool bpftool
+fi
 
 # Python: Debian and Ubuntu split venv's ensurepip into python3-venv, without
 # which `python3 -m venv` fails half way ("ensurepip is not available").
@@ -84,4 +93,10 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 set -x
 apt-get update
-apt-get install -y --no-install-recommends "${packages[@]}"
+apt-get install -y --no-install-recommends "${missing[@]}"
+# One at a time, so that one not known here (another distribution's name)
+# costs only itself.
+for package in "${optional[@]}"; do
+	apt-get install -y --no-install-recommends "$package" ||
+		echo "deps: optional $package could not be installed; carrying on" >&2
+done
