@@ -333,7 +333,6 @@ def cmd_ping(args: argparse.Namespace) -> int:
     )
     request.record = args.record
     request.timings["imports_ms"] = (imported - started) * 1000
-    request.timings["snapshot_ms"] = (time.perf_counter() - imported) * 1000
     result = trace.ping(request)
     rendering = time.perf_counter()
     if args.json:
