@@ -267,7 +267,7 @@ class PortProbe(Probe):
                 sock.connect((self.dst, self.port))
                 return sock.getsockname()[0]
 
-        return netns.run_in(self.src_netns, lambda: lookup())
+        return netns.run_in(self.src_netns, lookup)
 
     def prepare(self) -> str | None:
         try:

@@ -407,7 +407,8 @@ class Probes:
         return self.ring.fileno()
 
     def close(self) -> None:
-        self.ring.close() if hasattr(self, "ring") else None
+        if hasattr(self, "ring"):  # absent when __init__ failed before it
+            self.ring.close()
         self.obj.close()
 
     def __enter__(self) -> Self:
