@@ -30,6 +30,7 @@ import random
 import socket
 import sys
 import threading
+import types
 from dataclasses import dataclass
 
 from tracer import netns
@@ -58,30 +59,83 @@ def load_scapy() -> None:
     """Import the scapy layers that build and read probes, skipping the slow parts.
 
     A plain `import scapy.layers.inet` took 0.35 s here, most of a whole
-    `nstrace ping` (`make bench`). Two parts serve nothing nstrace does:
-    reading the routing tables into scapy's own (the kernel routes the
-    probe), which scapy's `conf.route_autoload` / `conf.route6_autoload` turn
-    off ("Disable this if your routing table is too big", scapy/config.py),
-    and probing the optional `cryptography` package for TLS and IPsec layers,
-    kept from importing while scapy loads (a None entry in sys.modules makes
-    an import fail, per the import system's reference). Together: ~0.15 s.
+    `nstrace ping` (`make bench`). Several parts of it serve nothing nstrace
+    does, which builds IPv4 probes and reads IPv4 answers on sockets of its
+    own (measured with `python3 -X importtime` and cProfile, scapy 2.8):
+
+    - reading the routing tables into scapy's own (the kernel routes the
+      probe): off through `conf.route_autoload` / `conf.route6_autoload`
+      ("Disable this if your routing table is too big", scapy/config.py);
+    - probing the optional `cryptography` package for TLS and IPsec layers:
+      kept from importing while scapy loads (a None entry in sys.modules
+      makes an import fail, per the import system's reference);
+    - listing the interfaces over rtnetlink, each message dissected by
+      scapy's own netlink layers (`conf.ifaces.reload()` at the end of
+      scapy/arch/__init__.py): 15 to 35 ms, for scapy's own sockets only;
+    - unpickling the MAC vendor and Bluetooth vendor tables from scapy's
+      cache (scapy/data.py `scapy_data_cache`): a 2.7 MB pickle, 25 to
+      50 ms, for showing MAC addresses with their vendor;
+    - the IPv6 layers (`conf.ipv6_enabled`, scapy/layers/inet.py's last
+      lines): 15 to 25 ms; nstrace traces IPv4 only, and scapy's IPv4 layers
+      look at IPv6 only when a layer's underlayer is not IPv4.
+
+    Together they took about 0.2 s of the 0.35.
     """
     if _scapy_loader is not None and _scapy_loader is not threading.current_thread():
         _scapy_loader.join()
     if "scapy.layers.inet" in sys.modules:
         return
-    blocked = "cryptography" not in sys.modules
-    if blocked:
-        sys.modules["cryptography"] = None  # type: ignore[assignment]
+    stubs = _stub_modules()
     try:
-        from scapy.config import conf
+        import scapy.main
 
-        conf.route_autoload = False
-        conf.route6_autoload = False
+        cache = scapy.main.SCAPY_CACHE_FOLDER
+        # Without a cache folder scapy.data reads the vendor tables from
+        # scapy.libs.manuf and scapy.libs.bluetoothids, stubbed here as empty.
+        scapy.main.SCAPY_CACHE_FOLDER = None
+        try:
+            _import_inet()
+        finally:
+            scapy.main.SCAPY_CACHE_FOLDER = cache
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+
+
+def _stub_modules() -> list[str]:
+    """Put in sys.modules what scapy's import must not load; return their names."""
+    stubs = []
+    if "cryptography" not in sys.modules:
+        sys.modules["cryptography"] = None  # type: ignore[assignment]
+        stubs.append("cryptography")
+    for name, data in (("scapy.libs.manuf", ""), ("scapy.libs.bluetoothids", {})):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.DATA = data  # type: ignore[attr-defined]
+            sys.modules[name] = module
+            stubs.append(name)
+    return stubs
+
+
+def _import_inet() -> None:
+    from scapy.config import conf
+
+    conf.route_autoload = False
+    conf.route6_autoload = False
+    conf.ipv6_enabled = False
+    import scapy.interfaces
+
+    # An instance attribute shadows the method while scapy.arch loads;
+    # deleted afterwards, so that conf.ifaces.reload() still lists them.
+    conf.ifaces.reload = _no_interfaces
+    try:
         import scapy.layers.inet  # noqa: F401
     finally:
-        if blocked:
-            sys.modules.pop("cryptography", None)
+        del conf.ifaces.reload
+
+
+def _no_interfaces() -> None:
+    log.debug("scapy's interface list is left empty: nstrace opens its own sockets")
 
 
 def preload_scapy() -> None:
