@@ -107,56 +107,83 @@ static __always_inline __u32 netns_of_task(void)
 	return BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
 }
 
-/* Read the transport bits nstrace filters on, after the IPv4 header @hdr. */
-static __always_inline int parse_ipv4(unsigned char *l3, struct iphdr *hdr,
+/*
+ * Packet memory is read in place: bpf_rdonly_cast (kernel 6.2) turns an
+ * address into a read-only pointer of a kernel BTF type, which the verifier
+ * inlines away; each field is then one load that the JIT guards against
+ * faults (a bad address reads as zero). A bpf_probe_read_kernel call per
+ * header cost more than everything else a program does for a packet that is
+ * not the flow's, and every packet crossing a traced namespace pays it.
+ */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+#define packet_cast(ptr, type)                                                 \
+	((const struct type *)bpf_rdonly_cast((ptr),                           \
+					      bpf_core_type_id_kernel(struct type)))
+
+/* The source and destination ports of a TCP or UDP header at @l4. */
+static __always_inline void read_ports(unsigned char *l4, __u8 proto,
+				       struct packet *pkt)
+{
+	if (proto == IPPROTO_TCP) {
+		const struct tcphdr *tcp = packet_cast(l4, tcphdr);
+
+		pkt->sport = bpf_ntohs(tcp->source);
+		pkt->dport = bpf_ntohs(tcp->dest);
+	} else if (proto == IPPROTO_UDP) {
+		const struct udphdr *udp = packet_cast(l4, udphdr);
+
+		pkt->sport = bpf_ntohs(udp->source);
+		pkt->dport = bpf_ntohs(udp->dest);
+	}
+}
+
+static __always_inline void read_echo(const struct icmphdr *icmp,
 				      struct packet *pkt)
 {
-	struct iphdr ip = *hdr;
-	struct iphdr inner;
-	__u8 l4[20];
-	__u32 ihl = ip.ihl * 4;
+	pkt->ident = bpf_ntohs(icmp->un.echo.id);
+	pkt->seq = bpf_ntohs(icmp->un.echo.sequence);
+}
 
-	pkt->saddr = ip.saddr;
-	pkt->daddr = ip.daddr;
-	pkt->proto = ip.protocol;
-	if (bpf_probe_read_kernel(l4, sizeof(l4), l3 + ihl))
-		return 1;
+/* Read the transport bits nstrace filters on, after the IPv4 header @ip. */
+static __always_inline void parse_ipv4(unsigned char *l3, const struct iphdr *ip,
+				       struct packet *pkt)
+{
+	unsigned char *l4 = l3 + ip->ihl * 4;
+	const struct icmphdr *icmp;
+	const struct iphdr *inner;
 
-	if (ip.protocol == IPPROTO_ICMP) {
-		pkt->icmp_type = l4[0];
-		pkt->icmp_code = l4[1];
-		if (l4[0] == ICMP_ECHO || l4[0] == ICMP_ECHOREPLY) {
-			pkt->ident = bpf_ntohs(*(__u16 *)&l4[4]);
-			pkt->seq = bpf_ntohs(*(__u16 *)&l4[6]);
-			return 1;
-		}
-		if (l4[0] != ICMP_DEST_UNREACH && l4[0] != ICMP_TIME_EXCEEDED)
-			return 1;
-		/* An ICMP error quotes the offending header and 8 bytes. */
-		if (bpf_probe_read_kernel(&inner, sizeof(inner), l3 + ihl + 8))
-			return 1;
-		pkt->is_error = 1;
-		pkt->inner_saddr = inner.saddr;
-		pkt->inner_daddr = inner.daddr;
-		pkt->inner_proto = inner.protocol;
-		if (bpf_probe_read_kernel(l4, 8, l3 + ihl + 8 + inner.ihl * 4))
-			return 1;
-		if (inner.protocol == IPPROTO_ICMP) {
-			pkt->ident = bpf_ntohs(*(__u16 *)&l4[4]);
-			pkt->seq = bpf_ntohs(*(__u16 *)&l4[6]);
-		} else {
-			pkt->sport = bpf_ntohs(*(__u16 *)&l4[0]);
-			pkt->dport = bpf_ntohs(*(__u16 *)&l4[2]);
-		}
-		return 1;
+	pkt->saddr = ip->saddr;
+	pkt->daddr = ip->daddr;
+	pkt->proto = ip->protocol;
+	if (pkt->proto != IPPROTO_ICMP) {
+		read_ports(l4, pkt->proto, pkt);
+		if (pkt->proto == IPPROTO_TCP)
+			pkt->tcp_flags = packet_cast(l4, tcphdr)->flags;
+		return;
 	}
-	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) {
-		pkt->sport = bpf_ntohs(*(__u16 *)&l4[0]);
-		pkt->dport = bpf_ntohs(*(__u16 *)&l4[2]);
-		if (ip.protocol == IPPROTO_TCP)
-			pkt->tcp_flags = l4[13];
+
+	icmp = packet_cast(l4, icmphdr);
+	pkt->icmp_type = icmp->type;
+	pkt->icmp_code = icmp->code;
+	if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY) {
+		read_echo(icmp, pkt);
+		return;
 	}
-	return 1;
+	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
+		return;
+	/* An ICMP error quotes the offending header and 8 bytes. */
+	l4 += sizeof(struct icmphdr);
+	inner = packet_cast(l4, iphdr);
+	pkt->is_error = 1;
+	pkt->inner_saddr = inner->saddr;
+	pkt->inner_daddr = inner->daddr;
+	pkt->inner_proto = inner->protocol;
+	l4 += inner->ihl * 4;
+	if (pkt->inner_proto == IPPROTO_ICMP)
+		read_echo(packet_cast(l4, icmphdr), pkt);
+	else
+		read_ports(l4, pkt->inner_proto, pkt);
 }
 
 static __always_inline int matches(struct config *cfg, struct packet *pkt)
@@ -188,17 +215,17 @@ static __always_inline int matches(struct config *cfg, struct packet *pkt)
 /*
  * Whether a packet with this IPv4 header can be the flow's at all: most
  * packets are not, and they are let go before their transport header is
- * read (one bpf_probe_read_kernel less per program run, for every packet
- * that crosses a traced namespace). ICMP always goes on: an error quotes
- * another protocol's packet.
+ * read. ICMP always goes on: an error quotes another protocol's packet.
  */
-static __always_inline int could_match(struct config *cfg, struct iphdr *ip)
+static __always_inline int could_match(struct config *cfg, const struct iphdr *ip)
 {
-	if (ip->protocol == IPPROTO_ICMP)
+	__u8 proto = ip->protocol;
+
+	if (proto == IPPROTO_ICMP)
 		return 1;
 	if (cfg->mode == MODE_PROBE)
-		return ip->protocol == cfg->proto;
-	if (cfg->proto && ip->protocol != cfg->proto)
+		return proto == cfg->proto;
+	if (cfg->proto && proto != cfg->proto)
 		return 0;
 	return !cfg->addr || ip->saddr == cfg->addr || ip->daddr == cfg->addr;
 }
@@ -207,24 +234,21 @@ static __always_inline int could_match(struct config *cfg, struct iphdr *ip)
  * Parse the skb's IPv4 packet at @l3 and decide whether it is the flow's:
  * 1 it is, 0 it is another IPv4 packet, -1 it could not be parsed here.
  * The skb's own fields are read directly: tp_btf and netfilter programs get
- * the skb as a BTF pointer, which the verifier lets them dereference, and a
- * direct load costs far less than a bpf_probe_read_kernel call.
+ * the skb as a BTF pointer, which the verifier lets them dereference.
  */
 static __always_inline int classify(struct config *cfg, struct sk_buff *skb,
 				    unsigned char *l3, struct packet *pkt)
 {
-	struct iphdr ip;
+	const struct iphdr *ip;
 
 	if (!l3 || skb->protocol != bpf_htons(ETH_P_IP))
 		return -1;
-	if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
+	ip = packet_cast(l3, iphdr);
+	if (ip->version != 4 || ip->ihl < 5)
 		return -1;
-	if (ip.version != 4 || ip.ihl < 5)
-		return -1;
-	if (!could_match(cfg, &ip))
+	if (!could_match(cfg, ip))
 		return 0;
-	if (!parse_ipv4(l3, &ip, pkt))
-		return -1;
+	parse_ipv4(l3, ip, pkt);
 	return matches(cfg, pkt);
 }
 

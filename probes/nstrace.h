@@ -185,7 +185,13 @@ struct task_struct {
 	struct nsproxy *nsproxy;
 } __attribute__((preserve_access_index));
 
-/* Not relocated: read whole from packet memory with bpf_probe_read_kernel. */
+/*
+ * Packet headers. Their layouts are fixed by the RFCs, so they are not
+ * relocated; the programs read them in place through bpf_rdonly_cast
+ * (packet_cast below), which needs only the kernel's BTF type of the same
+ * name. The verifier then checks each load against the kernel's own type,
+ * so every field is read with its own size, never as one block.
+ */
 struct iphdr {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 	__u8 ihl : 4, version : 4;
@@ -201,6 +207,35 @@ struct iphdr {
 	__sum16 check;
 	__be32 saddr;
 	__be32 daddr;
+};
+
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	union {
+		struct {
+			__be16 id;
+			__be16 sequence;
+		} echo;
+	} un;
+};
+
+struct udphdr {
+	__be16 source;
+	__be16 dest;
+	__be16 len;
+	__sum16 check;
+};
+
+/* The kernel's tcphdr spells byte 13 as one-bit fields; one byte is read. */
+struct tcphdr {
+	__be16 source;
+	__be16 dest;
+	__be32 seq;
+	__be32 ack_seq;
+	__u8 doff_res;
+	__u8 flags;
 };
 
 #endif /* NSTRACE_H */
