@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         "watch",
         help="live trace of matching packets until Ctrl-C",
         description="Show every hop of every packet that matches the filters, "
-        "grouped by packet, until Ctrl-C. Filters left out match anything.",
+        "grouped by packet, until Ctrl-C. Filters left out match anything. "
+        "Netfilter hooks cost every packet that crosses them, so a namespace's "
+        "hooks are traced from the first matching packet seen there on; with "
+        "--netns, from the start.",
     )
     watch.add_argument(
         "--netns",

@@ -249,7 +249,14 @@ def _link_at_free_priority(
 class Probes:
     """nstrace's BPF object, loaded and attached; close() detaches everything."""
 
-    def __init__(self, object_path: str | None = None) -> None:
+    def __init__(
+        self, object_path: str | None = None, *, deferred: Iterable[str] = ()
+    ) -> None:
+        """Load and attach all but the tracepoints named in *deferred*.
+
+        Those wait for attach_deferred(): a watch attaches consume_skb only
+        once its flow shows up (tracer/watch.py, Linker).
+        """
         btf.check_btf()
         if os.geteuid() != 0:
             raise CannotTraceError(
@@ -257,6 +264,7 @@ class Probes:
             )
         self.unavailable: dict[str, str] = {}
         self.netns_linked: list[str] = []
+        self.deferred = [name for name in TRACEPOINTS if name in set(deferred)]
         self.records: list[bytes] = []
         # Most records one poll() returns (None: all there are); `nstrace
         # watch` sets it so that a flood cannot keep it from Ctrl-C.
@@ -307,15 +315,25 @@ class Probes:
 
     def _attach_tracepoints(self) -> None:
         for name in TRACEPOINTS:
-            try:
-                self.obj.attach(name)
-            except bpf.BpfError as exc:
-                self.unavailable[name] = str(exc)
-                log.warning(
-                    "%s cannot attach here (%s); carrying on without it",
-                    self.obj.programs[name].section,
-                    exc,
-                )
+            if name not in self.deferred:
+                self._attach(name)
+
+    def attach_deferred(self) -> None:
+        """Attach the tracepoints that __init__ was told to leave for later."""
+        for name in self.deferred:
+            self._attach(name)
+        self.deferred.clear()
+
+    def _attach(self, name: str) -> None:
+        try:
+            self.obj.attach(name)
+        except bpf.BpfError as exc:
+            self.unavailable[name] = str(exc)
+            log.warning(
+                "%s cannot attach here (%s); carrying on without it",
+                self.obj.programs[name].section,
+                exc,
+            )
 
     def link_netfilter(self, namespaces: Iterable[str]) -> None:
         """Link the hook programs at every IPv4 hook of each namespace."""

@@ -9,9 +9,10 @@ seen again at a point it has passed (the kernel soon reuses an skb's memory
 for the next packet; see Grouper). Route lookups and neighbour updates carry
 no skb; they are shown under the packet seen last, which is the one they were
 made for (the kernel makes them while handling it, on the same CPU). With
---netns, hooks are linked in that namespace only and devices are filtered in
-the kernel; route lookups and frees of other namespaces, tied to the flow by
-address and time only, are dropped here.
+--netns, hooks are linked in that namespace only, at once, and devices are
+filtered in the kernel; route lookups and frees of other namespaces, tied to
+the flow by address and time only, are dropped here. Without it, the hooks of
+each named namespace are linked when the flow first shows there (Linker).
 
 Lost records (the ring buffer was full) are counted by the kernel; the count
 is printed whenever it grows, so that a gap is never silent. Ctrl-C, SIGTERM
@@ -58,6 +59,7 @@ POLL_MS = 200
 # One encoder for every line: json.dumps builds one per call with options.
 _encode = json.JSONEncoder(check_circular=False).encode
 POLL_BUDGET = 4096  # records handled between looks at the clock and at signals
+LINKED_ON_FIRST_MATCH = ("on_consume",)  # besides the hooks: see Linker
 
 
 @dataclass
@@ -313,11 +315,12 @@ def watch(
     from tracer.probes import MODE_WATCH, Decoder, Probes
 
     printer = Printer(out, as_json, chosen.netns)
-    probes = Probes()
+    # Without --netns, hooks and consume_skb wait for the flow (Linker).
+    probes = Probes(deferred=() if chosen.netns else LINKED_ON_FIRST_MATCH)
     probes.poll_budget = POLL_BUDGET
     started = time.monotonic()
     try:
-        probes.link_netfilter(_namespaces(chosen))
+        linker = Linker(probes, _namespaces(chosen), eager=bool(chosen.netns))
         probes.configure(
             mode=MODE_WATCH,
             proto=chosen.proto,
@@ -332,13 +335,52 @@ def watch(
         sys.stderr.flush()
         started = time.monotonic()
         with _stop_signals() as wakeup:
-            _loop(probes, decoder, printer, wakeup, started, duration_s)
-        printer.hops(decoder.decode(raw) for raw in probes.poll(0))
+            _loop(probes, decoder, printer, wakeup, started, duration_s, linker)
+        printer.hops(linker.seen(decoder.decode(raw) for raw in probes.poll(0)))
         printer.lost_count(probes.lost())
     finally:
         probes.disable()
         probes.close()
     return printer.summary(time.monotonic() - started)
+
+
+class Linker:
+    """Links the hook programs of a namespace when the flow first shows there.
+
+    A BPF netfilter program runs for every packet crossing its hook, matching
+    or not, and a namespace without netfilter rules would otherwise skip the
+    hook code altogether: linked up front in every lab namespace, nstrace's
+    ten programs per namespace cut a flood of small UDP packets between two of
+    them by a fifth (bench/README.md). Watching everywhere, they are linked in
+    a namespace once a matching packet is seen on one of its devices, or
+    dropped, or routed there; consume_skb, which runs for every skb that ends
+    well, waits for the first match anywhere. The hooks of the first packet
+    through a namespace can be missed; every later one crosses them. With
+    --netns the one namespace is linked at once.
+    """
+
+    def __init__(self, probes: Any, namespaces: Iterable[str], eager: bool) -> None:
+        self.probes = probes
+        self.waiting = set(namespaces)
+        if eager:
+            self._link(set(self.waiting))
+
+    def seen(self, events: Iterable[Event]) -> Iterator[Event]:
+        """Pass *events* through, linking each waiting namespace they name."""
+        for event in events:
+            if event.netns in self.waiting:
+                log.info("flow seen in %s: linking its hooks", event.netns)
+                self._link({event.netns})
+            yield event
+
+    def _link(self, namespaces: set[str]) -> None:
+        self.waiting -= namespaces
+        self.probes.attach_deferred()
+        for name in sorted(namespaces):
+            try:
+                self.probes.link_netfilter([name])
+            except OSError as exc:  # deleted since the watch began
+                log.warning("hooks of %s not linked: %s", name, exc)
 
 
 def _namespaces(chosen: Filter) -> list[str]:
@@ -388,6 +430,7 @@ def _loop(
     wakeup: socket.socket,
     started: float,
     duration_s: float | None,
+    linker: Linker,
 ) -> None:
     deadline = started + duration_s if duration_s else None
     with selectors.DefaultSelector() as selector:
@@ -400,7 +443,7 @@ def _loop(
                 if wait_s <= 0:
                     return
             ready = selector.select(wait_s)
-            printer.hops(decoder.decode(raw) for raw in probes.poll(0))
+            printer.hops(linker.seen(decoder.decode(raw) for raw in probes.poll(0)))
             printer.lost_count(probes.lost())
             if any(key.data == "signal" for key, _mask in ready):
                 log.debug("interrupted; detaching")

@@ -73,6 +73,19 @@ def held_ids(pid: int) -> dict[str, set[int]]:
     return held
 
 
+def netfilter_links(pid: int) -> int:
+    """How many BPF netfilter links the process holds (fdinfo `link_type`)."""
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    count = 0
+    for entry in fdinfo.iterdir() if fdinfo.exists() else ():
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue  # closed meanwhile
+        count += "link_type:\tnetfilter\n" in text
+    return count
+
+
 def existing_ids() -> dict[str, set[int]]:
     """Every BPF program, link and map id the kernel has now."""
     return {kind: _bpftool_ids(kind) for kind in KINDS}

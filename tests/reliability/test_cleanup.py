@@ -18,8 +18,10 @@ import pytest
 
 from reliability.leftovers import (
     kill_quietly,
+    netfilter_links,
     nstrace_tables,
     start,
+    wait_for,
     wait_for_no_leftovers,
     wait_until_attached,
 )
@@ -30,16 +32,26 @@ PING = ("ping", "RED", "8.8.8.8", "--timeout", "5")
 WATCH = ("watch", "--host", "8.8.8.8")
 
 
-def run_and_signal(args: tuple[str, ...], signum: int) -> tuple[dict, dict, tuple]:
+def run_and_signal(
+    args: tuple[str, ...], signum: int, lab: object = None
+) -> tuple[dict, dict, tuple]:
     """Start nstrace, wait for its probes, signal it; what it held and printed.
 
     The tables that exist while it runs are added to what it held, under
-    "tables", so that a test can see that there was something to remove.
+    "tables", so that a test can see that there was something to remove. A
+    watch links its hook programs once its flow shows up: given *lab*, one
+    ping to 8.8.8.8 makes it link them, and they are counted under
+    "netfilter".
     """
     before = nstrace_tables()
     child = start(*args)
     try:
         held = wait_until_attached(child)
+        if lab is not None:
+            lab.ping("RED", "8.8.8.8")
+            assert wait_for(lambda: netfilter_links(child.pid) > 0)
+            held = wait_until_attached(child)
+        held["netfilter"] = netfilter_links(child.pid)
         held["tables"] = {
             ns: [name for name in names if name not in before.get(ns, [])]
             for ns, names in nstrace_tables().items()
@@ -54,9 +66,11 @@ def run_and_signal(args: tuple[str, ...], signum: int) -> tuple[dict, dict, tupl
 @pytest.mark.parametrize("args", [PING, WATCH], ids=["ping", "watch"])
 def test_kill_9_leaves_no_program_link_map_or_table(lab, args):
     lab.goto(5)
-    held, before, (code, _out, _err) = run_and_signal(args, signal.SIGKILL)
+    held, before, (code, _out, _err) = run_and_signal(
+        args, signal.SIGKILL, lab if args == WATCH else None
+    )
     assert code == -signal.SIGKILL
-    assert held["prog"] and held["link"]
+    assert held["prog"] and held["link"] and held["netfilter"]
     if args == PING:  # rule attribution: owner tables in every lab namespace
         assert held["tables"].get("RED"), held["tables"]
     assert wait_for_no_leftovers(held, before) == {}

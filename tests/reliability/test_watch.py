@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from reliability.leftovers import kill_quietly, start
+from reliability.leftovers import (
+    kill_quietly,
+    netfilter_links,
+    start,
+    wait_for,
+    wait_until_attached,
+)
 from tracer.errors import UsageError
 from tracer.events import FREE, HOOK, IPPROTO_TCP, IPPROTO_UDP, ROUTE, RX, TX, Event
 from tracer.watch import (
@@ -215,6 +221,40 @@ def test_watch_in_one_namespace_sees_a_ping_there_only(lab):
     assert {h["packet"] for h in request}.isdisjoint({h["packet"] for h in reply})
     assert ("FORWARD", "first") in {(h.get("hook"), h.get("stage")) for h in request}
     assert lines[-1]["summary"] is True and lines[-1]["lost_events"] == 0
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_watch_links_hooks_only_where_its_flow_shows(lab):
+    """Hooks cost every packet: linked where the flow goes, once it goes there."""
+    lab.goto(7)
+    child = start("watch", "--host", "11.11.11.3", "--proto", "icmp", "--json")
+    try:
+        assert child.stderr.readline().startswith("watching")
+        wait_until_attached(child)
+        assert netfilter_links(child.pid) == 0
+        assert lab.ping("RED", "11.11.11.3") == "reply"
+        # RED, host and BLUE: the five hooks, at two priorities each. The lab's
+        # other namespaces (internet, laptop) see nothing of the flow.
+        assert wait_for(lambda: netfilter_links(child.pid) == 30)
+        assert lab.ping("RED", "11.11.11.3") == "reply"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+    finally:
+        kill_quietly(child)
+    assert child.returncode == 0, err
+    hooks = {
+        (hop["netns"], hop["hook"])
+        for hop in map(json.loads, out.splitlines())
+        if hop.get("event") == "hook" and hop.get("icmp_type") == 8
+    }
+    assert {
+        ("RED", "OUTPUT"),
+        ("host", "FORWARD"),
+        ("BLUE", "PREROUTING"),
+        ("BLUE", "INPUT"),
+    } <= hooks
+    assert netfilter_links(child.pid) == 0  # ended: nothing held
 
 
 def test_printer_keeps_only_the_chosen_namespace():
