@@ -327,8 +327,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from tracer import inject
 
-    inject.preload_scapy()  # on a thread: it overlaps loading the probes
-    from tracer import render, trace
+    # On a thread, scapy and then rich (for rendering only): they overlap
+    # loading the probes and every other wait for the kernel.
+    inject.preload_scapy(then=("tracer.render",))
+    from tracer import trace
 
     imported = time.perf_counter()
     request = trace.parse_request(
@@ -338,6 +340,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
     request.timings["imports_ms"] = (imported - started) * 1000
     result = trace.ping(request)
     rendering = time.perf_counter()
+    from tracer import render
+
     if args.json:
         print(render.render_json(result))
     else:

@@ -24,6 +24,7 @@ attributed to that namespace.
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ import socket
 import sys
 import threading
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tracer import netns
@@ -52,6 +54,7 @@ TAG_PORTS = (32768, 60999)
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 
 _scapy_loader: threading.Thread | None = None
+_scapy_tried = threading.Event()  # the loader thread is done with scapy
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -82,7 +85,7 @@ def load_scapy() -> None:
     Together they took about 0.2 s of the 0.35.
     """
     if _scapy_loader is not None and _scapy_loader is not threading.current_thread():
-        _scapy_loader.join()
+        _scapy_tried.wait()
     if "scapy.layers.inet" in sys.modules:
         return
     stubs = _stub_modules()
@@ -138,8 +141,14 @@ def _no_interfaces() -> None:
     log.debug("scapy's interface list is left empty: nstrace opens its own sockets")
 
 
-def preload_scapy() -> None:
-    """Start importing scapy on a thread, while the probes load (kernel time)."""
+def preload_scapy(then: Sequence[str] = ()) -> None:
+    """Start importing scapy on a thread, while the probes load (kernel time).
+
+    The modules named in *then* are imported next on the same thread, once
+    scapy is in: whatever the caller needs only later (the renderer's rich)
+    then loads while the main thread waits for the kernel, rather than
+    before the probes load.
+    """
     global _scapy_loader
     if _scapy_loader is None and "scapy.layers.inet" not in sys.modules:
         # The main thread's libbpf calls each release the GIL and must take it
@@ -148,18 +157,29 @@ def preload_scapy() -> None:
         previous = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         _scapy_loader = threading.Thread(
-            target=_load_quietly, args=(previous,), name="scapy", daemon=True
+            target=_load_quietly,
+            args=(previous, tuple(then)),
+            name="scapy",
+            daemon=True,
         )
         _scapy_loader.start()
 
 
-def _load_quietly(previous: float) -> None:
+def _load_quietly(previous: float, then: tuple[str, ...]) -> None:
     # Whatever fails here fails again, and is reported, when prepare() calls
-    # load_scapy() on the main thread.
+    # load_scapy() (or the caller imports the module) on the main thread.
     try:
-        load_scapy()
-    except Exception as exc:  # noqa: BLE001
-        log.debug("importing scapy in the background failed: %s", exc)
+        try:
+            load_scapy()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("importing scapy in the background failed: %s", exc)
+        finally:
+            _scapy_tried.set()
+        for name in then:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("importing %s in the background failed: %s", name, exc)
     finally:
         sys.setswitchinterval(previous)
 
