@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from typing import Self
 
 from tracer import netns
@@ -34,6 +35,11 @@ OUTPUT_HANDLE = 1 << 3
 OUTPUT_JSON = 1 << 4
 
 _lib: ctypes.CDLL | None = None
+# Held around every libnftables call that creates, uses or frees a context:
+# the snapshot lists rulesets from several threads at once, and libnftables
+# keeps global state besides its contexts (nft_ctx_new sets up the library
+# on first use; src/libnftables.c).
+_lock = threading.Lock()
 
 
 class NftError(Exception):
@@ -83,6 +89,33 @@ def _socket_fds() -> set[int]:
     return found
 
 
+def ruleset_json() -> str:
+    """`nft -j list ruleset` for the calling thread's namespace, in-process.
+
+    The snapshot's listing: starting `nft` for it took 15 ms for the
+    tutorial's five namespaces, this 4 ms, with the same JSON. The context
+    lives only as long as the listing and owns no table, so freeing it
+    waits for nothing.
+    """
+    lib = library()
+    with _lock:
+        ctx = lib.nft_ctx_new(0)
+        if not ctx:
+            raise NftError("libnftables could not open a netlink socket")
+        try:
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            lib.nft_ctx_output_set_flags(ctx, OUTPUT_JSON)
+            code = lib.nft_run_cmd_from_buffer(ctx, b"list ruleset")
+            out = lib.nft_ctx_get_output_buffer(ctx) or b""
+            err = lib.nft_ctx_get_error_buffer(ctx) or b""
+        finally:
+            lib.nft_ctx_free(ctx)
+    if code != 0:
+        raise NftError(err.decode(errors="replace").strip() or f"nft failed: {code}")
+    return out.decode(errors="replace")
+
+
 class Nft:
     """One libnftables context, and its netlink socket, in namespace *ns*.
 
@@ -98,19 +131,21 @@ class Nft:
         self._ctx: int | None = netns.run_in(ns, self._new)
 
     def _new(self) -> int:
-        before = _socket_fds()
-        ctx = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT: opens the socket
-        # The one socket libnftables opened, found by its appearance: nstrace
-        # opens nothing else meanwhile (see release_socket).
-        new = sorted(_socket_fds() - before)
+        with _lock:
+            before = _socket_fds()
+            ctx = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT: opens the socket
+            # The one socket libnftables opened, found by its appearance:
+            # nstrace opens nothing else meanwhile (see release_socket).
+            new = sorted(_socket_fds() - before)
+            if ctx:
+                self._lib.nft_ctx_buffer_output(ctx)
+                self._lib.nft_ctx_buffer_error(ctx)
         self._socket_fds = new if len(new) == 1 else []
         if not ctx:
             raise CannotTraceError(
                 f"libnftables could not open a netlink socket in namespace {self.ns} "
                 "(run nstrace as root)"
             )
-        self._lib.nft_ctx_buffer_output(ctx)
-        self._lib.nft_ctx_buffer_error(ctx)
         return ctx
 
     def run(
@@ -123,10 +158,11 @@ class Nft:
         flags = (OUTPUT_JSON if json_output else 0) | (OUTPUT_HANDLE if handles else 0)
 
         def body() -> tuple[int, bytes, bytes]:
-            self._lib.nft_ctx_output_set_flags(ctx, flags)
-            code = self._lib.nft_run_cmd_from_buffer(ctx, commands.encode())
-            out = self._lib.nft_ctx_get_output_buffer(ctx) or b""
-            err = self._lib.nft_ctx_get_error_buffer(ctx) or b""
+            with _lock:
+                self._lib.nft_ctx_output_set_flags(ctx, flags)
+                code = self._lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+                out = self._lib.nft_ctx_get_output_buffer(ctx) or b""
+                err = self._lib.nft_ctx_get_error_buffer(ctx) or b""
             return code, out, err
 
         code, out, err = netns.run_in(self.ns, body)
@@ -163,7 +199,8 @@ class Nft:
 
     def close(self) -> None:
         if self._ctx is not None:
-            self._lib.nft_ctx_free(self._ctx)
+            with _lock:
+                self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
 
     def __enter__(self) -> Self:

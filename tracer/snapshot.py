@@ -1,7 +1,8 @@
 """Topology snapshot: what each namespace in play looked like before the probe.
 
 For every namespace, one ``ip -d -j -batch`` process lists links, addresses,
-IPv4 routes of every table and neighbours; ``nft -j list ruleset`` gives the
+IPv4 routes of every table and neighbours; the JSON of ``nft -j list
+ruleset``, read through libnftables in this process (tracer/nft.py), gives the
 whole netfilter ruleset (iptables-nft rules included); the sysctls that
 decide forwarding and filtering are read from /proc/sys. All of it runs on a
 thread that has entered the namespace (``tracer.netns.run_in``): a child
@@ -511,13 +512,27 @@ def read_raw() -> dict[str, Any]:
     docs = _json_documents(_run(["ip", "-d", "-j", "-4", "-batch", "-"], IP_BATCH))
     for key, doc in zip(("links", "addresses", "routes", "neighbours"), docs):
         raw[key] = doc
-    nft = _run(["nft", "-j", "list", "ruleset"])
+    nft = _ruleset_json()
     try:
         raw["nft"] = json.loads(nft) if nft.strip() else {}
     except json.JSONDecodeError:
         raw["nft"] = {}
     raw["sysctls"] = _read_sysctls([link["ifname"] for link in raw.get("links") or []])
     return raw
+
+
+def _ruleset_json() -> str:
+    """`nft -j list ruleset` here, through libnftables rather than a process."""
+    from tracer.errors import CannotTraceError
+    from tracer.nft import NftError, ruleset_json
+
+    try:
+        return ruleset_json()
+    except CannotTraceError as exc:  # no libnftables
+        log.warning("snapshot: %s", exc)
+    except NftError as exc:
+        log.debug("snapshot: nft -j list ruleset: %s", exc)
+    return ""
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:
