@@ -245,10 +245,17 @@ def overhead(iperf: Iperf, figures: dict[str, Any]) -> None:
     figures["tcp_gbps_on"] = medians["tcp_on"] / 1e9
     figures["udp64_pps_off"] = medians["udp_off"]
     figures["udp64_pps_on"] = medians["udp_on"]
-    figures["overhead_tcp_ratio"] = medians["tcp_on"] / medians["tcp_off"]
-    figures["overhead_udp_ratio"] = medians["udp_on"] / medians["udp_off"]
-    figures["overhead_tcp_linked_ratio"] = medians["tcp_linked"] / medians["tcp_off"]
-    figures["overhead_udp_linked_ratio"] = medians["udp_linked"] / medians["udp_off"]
+    # Each ratio is the median of the rounds' own ratios: a run is compared
+    # with the untraced run just before it, so that load which comes and goes
+    # on the machine (a slow drift, a busy minute) cancels out.
+    for proto in ("tcp", "udp"):
+        for key, name in (("on", ""), ("linked", "_linked")):
+            figures[f"overhead_{proto}{name}_ratio"] = statistics.median(
+                traced / untraced
+                for traced, untraced in zip(
+                    runs[f"{proto}_{key}"], runs[f"{proto}_off"], strict=True
+                )
+            )
     # The spread says how far to trust a ratio: other work on the machine.
     figures["overhead_runs"] = runs
 
