@@ -7,7 +7,7 @@ Every line is built as a rich ``Text`` (never markup) so that a device or
 namespace name cannot be read as styling, and stays within 80 columns for
 the addresses the lab uses. rich drops colour by itself when stdout is not a
 terminal. rich is imported by the functions that draw, not with this module:
-`nstrace ping --json` never loads it, which saved it about 30 ms (`make bench`
+`nstrace ping --json` never loads it, which saved it 10 to 15 ms (`make bench`
 conditions, step 6).
 """
 
