@@ -19,6 +19,7 @@ from reliability.leftovers import (
 )
 from tracer.errors import UsageError
 from tracer.events import FREE, HOOK, IPPROTO_TCP, IPPROTO_UDP, ROUTE, RX, TX, Event
+from tracer.probes import RECORD, Decoder, ip_to_u32
 from tracer.watch import (
     PACKET_IDLE_NS,
     Filter,
@@ -320,3 +321,73 @@ def test_a_flood_past_capacity_is_counted_and_ctrl_c_still_ends_it(lab):
     assert summary["summary"] is True and summary["lost_events"] > 0
     # Shown as it grew, never only at the end.
     assert counts and counts == sorted(counts) and counts[-1] == summary["lost_events"]
+
+
+def raw_record(kind: int, t_ns: int, skb: int, inode: int = 11, **fields) -> bytes:
+    """A ring-buffer record as the probes write it (struct event, nstrace.h)."""
+    values = {
+        "value": 0,
+        "hook": 0,
+        "stage": 0,
+        "saddr": ip_to_u32("11.11.11.2"),
+        "daddr": ip_to_u32("11.11.11.3"),
+        "ident": 0,
+        "seq": 0,
+        "sport": 0,
+        "dport": 0,
+        "proto": IPPROTO_UDP,
+        "icmp_type": 0,
+        "dev": b"reth1",
+        **fields,
+    }
+    return RECORD.pack(
+        t_ns, skb, inode, 4, values["value"], 0, 0, 0,
+        kind, values["hook"], values["stage"], 0, 0,
+        values["saddr"], values["daddr"], 0, 0,
+        values["ident"], values["seq"], values["sport"], values["dport"],
+        values["proto"], 0, values["icmp_type"], 0, 0, 0,
+        values["dev"], b"", b"",
+    )  # fmt: skip
+
+
+def flood() -> list[bytes]:
+    """Records of a UDP flood through two namespaces, an ICMP flow and a drop."""
+    records = []
+    for n in range(4):
+        skb, t_ns = 0xA0 + n % 2, 1_000 * (n + 1)  # two skbs, reused
+        udp = {"sport": 4000, "dport": 5299}
+        records += [
+            raw_record(2, t_ns, skb, inode=12, dev=b"eth0", **udp),  # tx in RED
+            raw_record(1, t_ns + 1, skb, **udp),  # rx in host
+            raw_record(3, t_ns + 2, skb, hook=2, stage=1, dev=b"", **udp),
+            raw_record(3, t_ns + 3, skb, hook=2, stage=2, dev=b"", **udp),
+            raw_record(4, t_ns + 4, 0, dev=b"br0", **udp),  # a route lookup
+            # ICMP echoes differ in their sequence number: no two alike.
+            raw_record(2, t_ns + 5, 0xC0, proto=1, icmp_type=8, ident=7, seq=n),
+        ]
+    records.append(raw_record(6, 9_000, 0xA0, value=2, sport=4000, dport=5299))
+    return records
+
+
+class SeenNamespaces:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def saw(self, event: Event) -> None:
+        self.names.append(event.netns)
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+@pytest.mark.parametrize("netns", [None, "host"])
+def test_records_print_what_hops_prints_for_the_same_records(as_json, netns):
+    names = {11: "host", 12: "RED"}
+    decoder = Decoder(names)
+    slow, fast = io.StringIO(), io.StringIO()
+    Printer(slow, as_json, netns).hops(decoder.decode(raw) for raw in flood())
+    seen = SeenNamespaces()
+    printer = Printer(fast, as_json, netns)
+    printer.records(flood(), Decoder(names), seen)
+    assert fast.getvalue() == slow.getvalue()
+    assert fast.getvalue().count("\n") >= (10 if netns else 25)
+    # Repeated records are decoded once: the linker sees each distinct one.
+    assert len(seen.names) < len(flood()) and set(seen.names) == {"host", "RED"}
