@@ -47,6 +47,7 @@ RESULTS = ROOT / "bench" / "results.json"
 ISOLATED_FLAG = "NSTRACE_BENCH_ISOLATED"
 RUNS = int(os.environ.get("NSTRACE_BENCH_RUNS", "7"))
 IPERF_SECONDS = 2
+OVERHEAD_SECONDS = 3  # each overhead run; a warm-up run of each kind comes first
 IPERF_PORT = 5299  # not iperf3's default, so that other labs' floods do not match
 NOTHING = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no packet of the lab has it
 BLUE = "11.11.11.3"
@@ -180,14 +181,14 @@ class Iperf:
         )
         time.sleep(0.3)
 
-    def run(self, *extra: str) -> dict[str, Any]:
+    def run(self, *extra: str, seconds: int = IPERF_SECONDS) -> dict[str, Any]:
         argv = ["iperf3", "-c", BLUE, "-p", str(IPERF_PORT), "-J"]
-        argv += ["-t", str(IPERF_SECONDS), *extra]
+        argv += ["-t", str(seconds), *extra]
         done = subprocess.run(
             argv,
             capture_output=True,
             text=True,
-            timeout=IPERF_SECONDS + 20,
+            timeout=seconds + 20,
             preexec_fn=in_netns("RED"),
             check=False,
         )
@@ -229,14 +230,16 @@ def overhead(iperf: Iperf, figures: dict[str, Any]) -> None:
     runs: dict[str, list[float]] = {
         f"{proto}_{key}": [] for proto in ("tcp", "udp") for key in WATCHES
     }
+    # The first runs after the lab is built were the slowest, traced or not.
+    iperf.run()
+    iperf.run("-u", "-l", "64", "-b", "0")
     for _ in range(OVERHEAD_ROUNDS):
         for key, filters in WATCHES.items():
             watch = Watch(*filters) if filters else None
             try:
-                runs[f"tcp_{key}"].append(tcp_bps(iperf.run()))
-                runs[f"udp_{key}"].append(
-                    udp_pps(iperf.run("-u", "-l", "64", "-b", "0"))
-                )
+                runs[f"tcp_{key}"].append(tcp_bps(iperf.run(seconds=OVERHEAD_SECONDS)))
+                udp = iperf.run("-u", "-l", "64", "-b", "0", seconds=OVERHEAD_SECONDS)
+                runs[f"udp_{key}"].append(udp_pps(udp))
             finally:
                 if watch:
                     watch.stop()
