@@ -94,6 +94,22 @@ def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
     return 0
 
 
+def _follow_log_level() -> None:
+    """Give libbpf a print function only when nstrace logs at debug level (-vv).
+
+    libbpf calls its print function some 600 times while it opens, loads and
+    attaches nstrace's object (CO-RE relocation lines, at debug level), and
+    each call into a Python callback must take the GIL: while scapy imports
+    on its thread in `nstrace ping`, that doubled the time to attach (45 ->
+    100 ms, `make bench`). Without -vv no function is set and libbpf prints
+    nothing; its failures still come back as error codes, which nstrace
+    reports in its own words, and -vv shows libbpf's account (the verifier's
+    log among it).
+    """
+    debug = log.isEnabledFor(logging.DEBUG)
+    lib().libbpf_set_print(_libbpf_print if debug else _PRINT_FN())
+
+
 def lib() -> ctypes.CDLL:
     """The loaded libbpf, with argument types declared once."""
     global _lib
@@ -223,6 +239,7 @@ class BpfObject:
                 f"BPF object {path} is missing; build it with `make probes`"
             )
         self.path = path
+        _follow_log_level()
         with quiet():  # libbpf's own lines would come before nstrace's one
             ptr = lib().bpf_object__open_file(path.encode(), None)
         if not ptr:

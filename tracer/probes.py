@@ -309,7 +309,7 @@ class Probes:
             obj.close()
             raise CannotTraceError(
                 f"the kernel refused nstrace's BPF programs ({exc}); "
-                "see `nstrace doctor`"
+                "see `nstrace doctor`, and -vv for the verifier's log"
             ) from None
         return obj
 
