@@ -29,9 +29,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -362,13 +364,46 @@ def _run(
 ) -> subprocess.CompletedProcess[str]:
     log.debug("run %s", argv)
     try:
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        with _interrupts_held():
+            return subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, check=False
+            )
     except FileNotFoundError:
         raise LabError(f"{argv[0]} is not installed (install iproute2)") from None
     except subprocess.TimeoutExpired:
         raise LabError(f"`{' '.join(argv)}` took longer than {timeout:g}s") from None
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while one command runs; deliver them after it.
+
+    A KeyboardInterrupt raised while subprocess.Popen waits for its child to
+    exec leaves the child running with nobody waiting for it (CPython 3.11,
+    Popen._execute_child). An `ip netns add` cut off there made its namespace
+    after the teardown had looked for it, and `lab down` knew nothing of it
+    (seen as a `host` namespace left behind by tests/reliability/
+    test_lab_interrupted.py). Each command now runs whole, for at most its
+    timeout, and the signal reaches its own handler right after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run on the main thread only
+        return
+    held: list[int] = []
+    previous = {
+        sig: signal.getsignal(sig)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) is not None  # a handler Python did not set
+    }
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 # The state file and the lock.
