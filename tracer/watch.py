@@ -269,19 +269,8 @@ class Printer:
         self._shapes: dict[bytes, _Shape] = {}
 
     def hops(self, events: Iterable[Event]) -> None:
-        lines = []
-        for event in events:
-            if self.netns and event.netns != self.netns:
-                continue
-            packet, new = self.grouper.packet_of(event)
-            if self.as_json:
-                lines.append(_encode(hop_record(event, packet)))
-            else:
-                if new:
-                    lines.append(f"packet #{packet}")
-                lines.append("  " + hop_text(event, packet))
-        if lines:
-            self.write("\n".join(lines) + "\n")
+        """Print events decoded already; records() reads them raw."""
+        self._print((self._shape(event), event.t_ns, event.skb) for event in events)
 
     def records(
         self,
@@ -289,7 +278,7 @@ class Printer:
         decoder: Any,
         linker: Linker | None = None,
     ) -> None:
-        """hops() for raw ring-buffer records, at the pace of a flood.
+        """Print raw ring-buffer records, at the pace of a flood.
 
         A flood's records of one point differ only in their first 16 bytes,
         the time and the skb address (struct event in probes/nstrace.h): the
@@ -298,9 +287,12 @@ class Printer:
         it and encoding its JSON (`make bench`, capacity). Each record whose
         remainder is new is decoded in full and shown to *linker*.
         """
-        lines = []
+        self._print(self._shaped(raws, decoder, linker))
+
+    def _shaped(
+        self, raws: Iterable[bytes], decoder: Any, linker: Linker | None
+    ) -> Iterator[tuple[_Shape, int, int]]:
         shapes = self._shapes
-        grouper = self.grouper
         for raw in raws:
             shape = shapes.get(raw[_HEAD.size :])
             if shape is None:
@@ -311,10 +303,16 @@ class Printer:
                 if len(shapes) >= SHAPES_KEPT:
                     shapes.clear()
                 shapes[raw[_HEAD.size :]] = shape
+            t_ns, skb = _HEAD.unpack_from(raw)
+            yield shape, t_ns, skb
+
+    def _print(self, shaped: Iterable[tuple[_Shape, int, int]]) -> None:
+        lines = []
+        number = self.grouper.number
+        for shape, t_ns, skb in shaped:
             if shape is _SKIPPED:
                 continue
-            t_ns, skb = _HEAD.unpack_from(raw)
-            packet, new = grouper.number(skb, t_ns, shape.kind, shape.point)
+            packet, new = number(skb, t_ns, shape.kind, shape.point)
             if self.as_json:
                 lines.append(
                     f'{{"packet": {packet}, "event": {shape.event_json}, '

@@ -385,17 +385,35 @@ class SeenNamespaces:
         self.names.append(event.netns)
 
 
+def reference_lines(events: list[Event], as_json: bool, netns: str | None) -> str:
+    """The watch's lines built the plain way, one event at a time."""
+    grouper, lines = Grouper(), []
+    for event in events:
+        if netns and event.netns != netns:
+            continue
+        packet, new = grouper.packet_of(event)
+        if as_json:
+            lines.append(json.dumps(hop_record(event, packet)))
+        else:
+            lines += [f"packet #{packet}"] if new else []
+            lines.append("  " + hop_text(event, packet))
+    return "".join(line + "\n" for line in lines)
+
+
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
 @pytest.mark.parametrize("netns", [None, "host"])
-def test_records_print_what_hops_prints_for_the_same_records(as_json, netns):
+def test_printed_lines_are_the_plain_ones_for_events_and_raw_records(as_json, netns):
     names = {11: "host", 12: "RED"}
     decoder = Decoder(names)
-    slow, fast = io.StringIO(), io.StringIO()
-    Printer(slow, as_json, netns).hops(decoder.decode(raw) for raw in flood())
+    expected = reference_lines([decoder.decode(r) for r in flood()], as_json, netns)
+    assert expected.count("\n") >= (10 if netns else 25)
+    from_events = io.StringIO()
+    Printer(from_events, as_json, netns).hops(decoder.decode(r) for r in flood())
+    assert from_events.getvalue() == expected
+    from_records = io.StringIO()
     seen = SeenNamespaces()
-    printer = Printer(fast, as_json, netns)
+    printer = Printer(from_records, as_json, netns)
     printer.records(flood(), Decoder(names), seen)
-    assert fast.getvalue() == slow.getvalue()
-    assert fast.getvalue().count("\n") >= (10 if netns else 25)
+    assert from_records.getvalue() == expected
     # Repeated records are decoded once: the linker sees each distinct one.
     assert len(seen.names) < len(flood()) and set(seen.names) == {"host", "RED"}
