@@ -232,16 +232,21 @@ static __always_inline int could_match(struct config *cfg, const struct iphdr *i
 
 /*
  * Parse the skb's IPv4 packet at @l3 and decide whether it is the flow's:
- * 1 it is, 0 it is another IPv4 packet, -1 it could not be parsed here.
- * The skb's own fields are read directly: tp_btf and netfilter programs get
- * the skb as a BTF pointer, which the verifier lets them dereference.
+ * 1 it is, 0 it is another packet, -1 it is IPv4 but could not be parsed
+ * here. An skb no longer marked IPv4 is another packet: a freed skb's memory
+ * comes back at once for whatever the CPU receives next, IPv6 included
+ * (KNOWN_ISSUES.md). The skb's own fields are read directly: tp_btf and
+ * netfilter programs get the skb as a BTF pointer, which the verifier lets
+ * them dereference.
  */
 static __always_inline int classify(struct config *cfg, struct sk_buff *skb,
 				    unsigned char *l3, struct packet *pkt)
 {
 	const struct iphdr *ip;
 
-	if (!l3 || skb->protocol != bpf_htons(ETH_P_IP))
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	if (!l3)
 		return -1;
 	ip = packet_cast(l3, iphdr);
 	if (ip->version != 4 || ip->ihl < 5)

@@ -6,6 +6,7 @@ import io
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -224,11 +225,46 @@ def test_watch_in_one_namespace_sees_a_ping_there_only(lab):
     assert lines[-1]["summary"] is True and lines[-1]["lost_events"] == 0
 
 
+# Datagrams to a closed port on the loopback: each is dropped (NO_SOCKET).
+DROPPED_IPV6 = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[1])
+for _ in range(30_000):
+    if time.monotonic() > end:
+        break
+    try:
+        sock.sendto(b"x", ("::1", 9))
+    except OSError:
+        pass
+    time.sleep(0.0005)
+"""
+
+
+def ipv6_drops_in(ns: str, seconds: float) -> subprocess.Popen[str]:
+    """About 2,000 dropped IPv6 datagrams a second inside lab namespace *ns*."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", DROPPED_IPV6, str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.root
 @pytest.mark.lab
 def test_watch_links_hooks_only_where_its_flow_shows(lab):
-    """Hooks cost every packet: linked where the flow goes, once it goes there."""
+    """Hooks cost every packet: linked where the flow goes, once it goes there.
+
+    Meanwhile `laptop` drops IPv6 datagrams on its loopback: the memory of the
+    ping's skbs comes back for them at once, and such a drop was once taken
+    for the flow's (a `free` in `laptop`, whose hooks then got linked too).
+    """
     lab.goto(7)
+    # With the neighbours known, the ping's skbs end at once (consume_skb,
+    # which this watch attaches only after the first match).
+    assert lab.ping("RED", "11.11.11.3") == "reply"
+    noise = ipv6_drops_in("laptop", seconds=15)
     child = start("watch", "--host", "11.11.11.3", "--proto", "icmp", "--json")
     steps = []  # what was seen, step by step, for the message of a failure
     try:
@@ -244,6 +280,7 @@ def test_watch_links_hooks_only_where_its_flow_shows(lab):
         out, err = child.communicate(timeout=20)
     finally:
         kill_quietly(child)
+        kill_quietly(noise)
     # RED, host and BLUE: the five hooks, at two priorities each, once the
     # flow has shown there. The lab's other namespaces see nothing of it.
     assert steps == ["watching host 11.11.11.3 icmp", 0, "reply", 30, "reply"], (
