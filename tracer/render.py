@@ -59,6 +59,13 @@ ICMP_TYPE_NAMES = {3: "destination unreachable", 11: "time exceeded"}
 EVENT_WIDTH = 6  # "bridge", the longest event name, plus nothing
 
 
+def _text(content: str = "", style: str = "") -> Text:
+    """A rich Text of *content*, rich imported on first use (see above)."""
+    from rich.text import Text
+
+    return Text(content, style=style)
+
+
 def console() -> Console:
     """The console nstrace prints results on: stdout, no auto-highlighting."""
     from rich.console import Console
@@ -77,14 +84,12 @@ def render_text(result: TraceResult, console: Console, full: bool = False) -> No
     Unless *full*, the kernel's routine bookkeeping is left out of the tree:
     see :func:`shown_hops`. The JSON always has every hop.
     """
-    from rich.text import Text
-
     hops = result.hops if full else shown_hops(result.hops)
     console.print(_tree(result, hops))
     hidden = len(result.hops) - len(hops)
     if hidden:
         console.print(
-            Text(
+            _text(
                 f"({hidden} routine route and neighbour events not shown; "
                 "--all shows them)",
                 style=BENIGN_STYLE,
@@ -95,7 +100,7 @@ def render_text(result: TraceResult, console: Console, full: bool = False) -> No
         console.print(line)
     if result.lost_events > 0:
         console.print(
-            Text(
+            _text(
                 f"warning: {result.lost_events} events were lost (ring buffer "
                 "full); the path above may have gaps",
                 style="yellow",
@@ -152,47 +157,42 @@ def shown_hops(hops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _tree(result: TraceResult, hops: list[dict[str, Any]] | None = None) -> Tree:
-    from rich.text import Text
     from rich.tree import Tree
 
-    tree = Tree(Text(header(result), style="bold"))
+    tree = Tree(_text(header(result), style="bold"))
     group: Tree | None = None
     key: tuple[str, str] | None = None
     for hop in result.hops if hops is None else hops:
         if (hop["dir"], hop["netns"]) != key:
             key = (hop["dir"], hop["netns"])
-            group = tree.add(Text(f"{hop['dir']} · {hop['netns']}", style="bold"))
+            group = tree.add(_text(f"{hop['dir']} · {hop['netns']}", style="bold"))
         assert group is not None
         node = group.add(hop_line(hop))
         if hop.get("rule"):
             node.add(rule_line(hop["rule"]))
     if not result.hops:
-        tree.add(Text("no events seen", style=BENIGN_STYLE))
+        tree.add(_text("no events seen", style=BENIGN_STYLE))
     return tree
 
 
 def hop_line(hop: dict[str, Any]) -> Text:
     """One hop as one line: event name, then what that event says."""
-    from rich.text import Text
-
     kind = hop["event"]
     describe = _DESCRIBE.get(kind, _describe_packet)
     body = describe(hop)
     if kind == "drop":
-        return Text(f"{'DROP':<{EVENT_WIDTH}} ", style=DROP_STYLE) + body
-    return Text(f"{kind:<{EVENT_WIDTH}} ") + body
+        return _text(f"{'DROP':<{EVENT_WIDTH}} ", style=DROP_STYLE) + body
+    return _text(f"{kind:<{EVENT_WIDTH}} ") + body
 
 
 def rule_line(rule: dict[str, Any]) -> Text:
     """The netfilter rule (or chain policy) that decided a hop, and its text."""
-    from rich.text import Text
-
     verdict = rule.get("verdict") or "?"
     where = f"{rule.get('family')} {rule.get('table')} {rule.get('chain')}"
     if rule.get("policy"):
         where += " policy"
     style = DROP_STYLE if verdict == "drop" else RULE_STYLE
-    return Text(f"{verdict:<{EVENT_WIDTH}} ", style=style) + Text(
+    return _text(f"{verdict:<{EVENT_WIDTH}} ", style=style) + _text(
         f"{where}: {rule.get('text') or '?'}"
     )
 
@@ -217,10 +217,8 @@ def _join(*parts: str) -> str:
 
 
 def _describe_packet(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
     # rx, tx, send, recv and anything newer: device, then the packet.
-    return Text(_join(hop.get("dev") or "", _addresses(hop)))
+    return _text(_join(hop.get("dev") or "", _addresses(hop)))
 
 
 def _hook_devices(hop: dict[str, Any]) -> str:
@@ -233,9 +231,7 @@ def _hook_devices(hop: dict[str, Any]) -> str:
 
 
 def _describe_hook(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
-    text = Text(_join(hop.get("hook") or "?", _hook_devices(hop)) + "  ")
+    text = _text(_join(hop.get("hook") or "?", _hook_devices(hop)) + "  ")
     after = hop.get("after")
     if after:
         # What changed is the news; the unchanged address is in the group.
@@ -253,18 +249,16 @@ def _describe_hook(hop: dict[str, Any]) -> Text:
 
 
 def _describe_route(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
     dst = hop.get("dst") or "?"
     table = hop.get("table")
     error = hop.get("error")
     if error == "EAGAIN":
         where = f"table {table}" if table is not None else "this table"
-        return Text(f"{dst}: no route in {where}", style=BENIGN_STYLE)
+        return _text(f"{dst}: no route in {where}", style=BENIGN_STYLE)
     if error:
         meaning = ROUTE_ERRORS.get(error, "lookup failed")
         suffix = f" (table {table})" if table is not None else ""
-        return Text(f"{dst}: {error} {meaning}{suffix}", style=DROP_STYLE)
+        return _text(f"{dst}: {error} {meaning}{suffix}", style=DROP_STYLE)
     parts = [dst]
     if hop.get("gateway"):
         parts.append(f"via {hop['gateway']}")
@@ -272,38 +266,30 @@ def _describe_route(hop: dict[str, Any]) -> Text:
         parts.append(f"dev {hop['dev']}")
     if table is not None:
         parts.append(f"table {table}")
-    return Text(" ".join(parts))
+    return _text(" ".join(parts))
 
 
 def _describe_neigh(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
     neigh = hop.get("neigh") or {}
     parts = [neigh.get("addr") or "?", neigh.get("state") or "?"]
     if hop.get("dev"):
         parts.append(f"dev {hop['dev']}")
-    return Text(" ".join(parts))
+    return _text(" ".join(parts))
 
 
 def _describe_free(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
     where = f"on {hop['dev']}" if hop.get("dev") else ""
-    return Text(_join(hop.get("reason") or "?", where, "(benign)"), style=BENIGN_STYLE)
+    return _text(_join(hop.get("reason") or "?", where, "(benign)"), style=BENIGN_STYLE)
 
 
 def _describe_drop(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
     at = f"at {hop['hook']}" if hop.get("hook") else ""
     where = f"on {hop['dev']}" if hop.get("dev") else ""
-    return Text(_join(hop.get("reason") or "?", at, where), style=DROP_STYLE)
+    return _text(_join(hop.get("reason") or "?", at, where), style=DROP_STYLE)
 
 
 def _describe_bridge(hop: dict[str, Any]) -> Text:
-    from rich.text import Text
-
-    return Text(_join(hop.get("hook") or "?", _hook_devices(hop), _addresses(hop)))
+    return _text(_join(hop.get("hook") or "?", _hook_devices(hop), _addresses(hop)))
 
 
 _DESCRIBE = {
@@ -321,9 +307,7 @@ _DESCRIBE = {
 
 def outcome_line(result: TraceResult) -> Text:
     """The verdict in one line: "reply in 0.4 ms", "dropped in host at..."."""
-    from rich.text import Text
-
-    return Text(_outcome_text(result), style=OUTCOME_STYLES[result.outcome])
+    return _text(_outcome_text(result), style=OUTCOME_STYLES[result.outcome])
 
 
 def cause_lines(result: TraceResult) -> list[Text]:
@@ -333,20 +317,18 @@ def cause_lines(result: TraceResult) -> list[Text]:
     with the namespace to run it in as a shell comment, so that it can be
     pasted as it is.
     """
-    from rich.text import Text
-
     lines = []
     for index, cause in enumerate(result.causes):
         label = "cause" if index == 0 else "also"
-        lines.append(Text(f"{label}: {cause['summary']}", style=CAUSE_STYLE))
-        lines.extend(Text(f"  {item}") for item in cause.get("evidence", []))
+        lines.append(_text(f"{label}: {cause['summary']}", style=CAUSE_STYLE))
+        lines.extend(_text(f"  {item}") for item in cause.get("evidence", []))
         if cause.get("fix"):
             lines.append(
-                Text(f"fix: {cause['fix']}", style=FIX_STYLE)
-                + Text(f"  # in {cause['netns']}", style=BENIGN_STYLE)
+                _text(f"fix: {cause['fix']}", style=FIX_STYLE)
+                + _text(f"  # in {cause['netns']}", style=BENIGN_STYLE)
             )
         else:
-            lines.append(Text("fix: none that nstrace can derive; see above"))
+            lines.append(_text("fix: none that nstrace can derive; see above"))
     return lines
 
 

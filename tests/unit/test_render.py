@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -240,3 +242,20 @@ def test_ordinary_hops_are_not_red(step6):
     red = [row for row in rows if "color: #800000" in row]
     assert any("DROP   " in row for row in red)
     assert not any("tx     eth0" in row or "hook   OUTPUT" in row for row in red)
+
+
+def test_json_rendering_does_not_load_rich() -> None:
+    # `nstrace ping --json` leaves rich unloaded (render.py's docstring): a
+    # fresh interpreter renders a recorded result as JSON and lists what came in.
+    code = (
+        "import sys\n"
+        "from tracer.path import load_recording\n"
+        "from tracer.render import render_json\n"
+        f"recording = load_recording({str(DATA / 'kernel-step6.json')!r})\n"
+        "assert render_json(recording.assemble()).startswith('{')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'rich'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
