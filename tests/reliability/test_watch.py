@@ -276,11 +276,13 @@ def test_watch_links_hooks_only_where_its_flow_shows(lab):
         time.sleep(0.2)  # and no more than 30 come
         steps.append(netfilter_links(child.pid))
         steps.append(lab.ping("RED", "11.11.11.3"))
+        noise_ran = noise.poll() is None  # it sent all along, did not fail
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=20)
     finally:
         kill_quietly(child)
         kill_quietly(noise)
+    assert noise_ran, noise.stderr.read()
     # RED, host and BLUE: the five hooks, at two priorities each, once the
     # flow has shown there. The lab's other namespaces see nothing of it.
     assert steps == ["watching host 11.11.11.3 icmp", 0, "reply", 30, "reply"], (
